@@ -1,0 +1,185 @@
+"""The Delta-KD loss: one pure function, copyable alone (it imports nothing but torch).
+
+Delta Knowledge Distillation, Cao et al. 2025, https://arxiv.org/abs/2509.14526. Four models take part: the
+fine-tuned teacher t_ft, the same teacher before SFT t_raw, the student before training s_raw (a frozen copy of its
+starting weights) and the student s being trained. Each pi below is softmax(logits / T) at temperature T.
+
+Derivation (the numbers tag the lines of code that compute each step)
+--------------------------------------------------------------------
+(1) The paper's target distribution at one position:
+
+        pi*(y) = pi_t_ft(y) * (pi_s_raw(y) / pi_t_raw(y)) ** alpha / Z,      Z = sum over y' of the numerator.
+
+    The ratio pi_t_ft / pi_t_raw is the shift that the teacher's SFT produced; the student is asked to apply that
+    shift to its own pretrained distribution instead of copying the teacher's absolute distribution.
+
+(2) Take logs. Every log pi is a log_softmax of logits / T, computed in fp32:
+
+        log pi*(y) = z(y) - log Z,    z(y) = log pi_t_ft(y) + alpha * (log pi_s_raw(y) - log pi_t_raw(y)).
+
+(3) Z = sum_y exp(z(y)), so log Z = logsumexp(z), and log pi* = z - logsumexp(z) = log_softmax(z). Normalising is
+    one more log_softmax. No ratio of probabilities is ever formed: two tiny probabilities underflow to 0 / 0 = NaN in
+    bf16 or at a low temperature, while their log-difference stays exact.
+
+(4) alpha = 0 gives pi* = pi_t_ft: standard KD from the fine-tuned teacher. alpha = 1 gives
+    pi* ∝ pi_s_raw * (pi_t_ft / pi_t_raw): the raw student moved by the teacher's whole SFT shift. Values in between
+    interpolate geometrically.
+
+(5) The loss, averaged over the counted positions (labels != ignore_index), with q = softmax(s / T):
+
+        L = lam * CE(softmax(s), y) + (1 - lam) * T^2 * KL(pi* || q)          divergence="fkl" (the paper's)
+                                     (1 - lam) * T^2 * KL(q || pi*)           divergence="rkl"
+
+    The SFT term is plain cross-entropy at temperature 1. lam = 1 is SFT, and alpha = 0 with "rkl" is reverse-KL KD:
+    the paper's token-level baselines are this one function.
+
+(6) The gradient with respect to the student's logits s, per position. From d log q(y) / d s_k = (δ_yk - q_k) / T:
+
+        d KL(pi* || q) / d s = (q - pi*) / T,          d KL(q || pi*) / d s = q * (log q - log pi* - KL(q || pi*)) / T,
+        d CE / d s = softmax(s) - onehot(y).
+
+    For a large T the difference q - pi* itself shrinks like 1 / T (Hinton et al. 2015), so the KD gradient shrinks
+    like 1 / T^2; the factor T^2 keeps it on the scale of the CE gradient whatever the temperature. With it, the
+    forward-KL gradient is T * (q - pi*).
+
+Vocabulary. All distributions are compared over the first `vocab_size` ids. Qwen2.5-7B has 152064 rows in its
+lm_head and Qwen2.5-1.5B 151936, but the tokenizer has 151665 ids: the rows past it are padding that no text ever
+produces. Pass the tokenizer length; the default is the smallest last dimension. The SFT term uses the same ids.
+
+Normalisation. The sum over positions is divided by `num_tokens`. Pass the global count of counted positions over
+every micro-batch of the optimizer step and every process: each call then returns its share, and the summed
+gradients equal those of the whole global batch in one piece. A mean of micro-batch means does not.
+
+Masked logits. -inf entries (masked vocab rows, or a teacher service that returns only its top-k) mean probability 0.
+Where pi_t_ft is 0, pi* is 0. In the raw log-ratio, -inf is replaced by _LOG_ZERO, a finite value far below any real
+log-probability, so that 0 / 0 counts as "no shift" instead of NaN.
+
+Memory. The logits of a 152k vocabulary are the largest tensors of a KD step: 2048 positions in bf16 take 622 MB
+each, and upcasting four of them to fp32 with autograd keeps about 16 such sizes alive. Here positions are processed
+in chunks: each chunk is upcast, its loss and its gradient (6) are computed at once, and the gradient is written into
+one buffer shaped like the student logits that backward returns. The peak added is that buffer plus a few fp32
+chunks. To go further, fuse the lm_head matmul into the loop (as Liger's fused linear cross-entropy does): take the
+student's hidden states and lm_head weight, compute each chunk's logits h @ W.T inside the loop, and accumulate
+dh = g @ W and dW += g.T @ h, so the student's full logits never exist.
+"""
+
+import torch
+import torch.nn.functional as F
+
+_LOG_ZERO = -1e30  # stands in for log 0 in the raw log-ratio: finite, so -inf - -inf is not NaN, and alpha * it is.
+_CHUNK_BYTES = 16 * 2**20  # one fp32 (chunk, vocab) temporary; a handful are alive at once. Below glibc's 32 MiB
+# mmap threshold, so on the CPU each chunk reuses heap memory instead of faulting in fresh pages (4x faster here).
+
+
+def delta_kd_loss(student_logits, labels, teacher_logits, teacher_raw_logits=None, student_raw_logits=None,
+                  alpha=1.0, temperature=1.0, lam=0.5, divergence="fkl", ignore_index=-100, vocab_size=None,
+                  num_tokens=None, *, chunk_size=None, return_parts=False):
+    """lam * CE + (1 - lam) * T^2 * KL(pi* || softmax(s / T)), summed over counted positions and divided by num_tokens.
+
+    Logits are [..., V] and `labels` has the same leading shape; logits[..., i, :] predicts labels[..., i] (the caller
+    has shifted). Only the student gets a gradient; the other logits are constants. teacher_logits may be None when
+    lam = 1 (SFT), and the raw logits may be None when alpha = 0 (standard KD). With return_parts=True the result is
+    (loss, {"sft": ..., "kd": ...}), the two terms normalised the same way as the loss, detached, for logging.
+    """
+    # --- check the arguments, naming the one that is wrong
+    if divergence not in ("fkl", "rkl"):
+        raise ValueError(f"divergence must be 'fkl' or 'rkl', got {divergence!r}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if teacher_logits is None and lam != 1.0:
+        raise ValueError("teacher_logits is None: only lam=1 (pure SFT) needs no teacher")
+    if alpha != 0.0 and teacher_logits is not None and (teacher_raw_logits is None or student_raw_logits is None):
+        raise ValueError(f"alpha={alpha} needs teacher_raw_logits and student_raw_logits; pass alpha=0 for plain KD")
+    logits = {"student_logits": student_logits, "teacher_logits": teacher_logits,
+              "teacher_raw_logits": teacher_raw_logits, "student_raw_logits": student_raw_logits}
+    logits = {name: x for name, x in logits.items() if x is not None}
+    for name, x in logits.items():
+        if x.shape[:-1] != labels.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; labels {tuple(labels.shape)} must match all but its "
+                             "last dimension")
+    vocab = min(x.shape[-1] for x in logits.values()) if vocab_size is None else vocab_size
+    for name, x in logits.items():
+        if x.shape[-1] < vocab:
+            raise ValueError(f"vocab_size={vocab} but {name} has only {x.shape[-1]} entries in its last dimension")
+    if alpha == 0.0 or teacher_logits is None:  # the raw models drop out of the target
+        teacher_raw_logits = student_raw_logits = None
+
+    loss, sft, kd = _DeltaKD.apply(student_logits, labels, teacher_logits, teacher_raw_logits, student_raw_logits,
+                                   float(alpha), float(temperature), float(lam), divergence, ignore_index, vocab,
+                                   num_tokens, chunk_size)
+    return (loss, {"sft": sft, "kd": kd}) if return_parts else loss
+
+
+def _chunk_log_probs(x, rows, vocab, dtype, temperature):
+    """log softmax(x / T) at the positions `rows`, over the first `vocab` ids, upcast: (C, V)."""
+    return F.log_softmax(x[rows][:, :vocab].to(dtype) / temperature, dim=-1)
+
+
+class _DeltaKD(torch.autograd.Function):
+    """Forward computes the loss and its gradient (6) chunk by chunk; backward hands the stored gradient over.
+    The forward of an autograd.Function runs without gradient tracking, so the target carries none."""
+
+    @staticmethod
+    def forward(ctx, s, labels, t, t_raw, s_raw, alpha, T, lam, divergence, ignore_index, vocab, num_tokens, chunk):
+        counted = labels != ignore_index
+        where = counted.nonzero(as_tuple=True)  # indices of the counted positions, one tensor per leading dim
+        n = where[0].numel()
+        if n and (labels[counted].min() < 0 or labels[counted].max() >= vocab):
+            raise ValueError(f"labels hold ids outside [0, vocab_size={vocab}) at counted positions")
+        dtype = torch.promote_types(s.dtype, torch.float32)  # fp32 at least; float64 stays float64 for gradcheck
+        denom = torch.as_tensor(n if num_tokens is None else num_tokens, dtype=dtype, device=s.device).clamp(min=1)
+        grad = torch.zeros_like(s) if ctx.needs_input_grad[0] else None  # ids past vocab_size keep a zero gradient
+        sft_sum = torch.zeros((), dtype=dtype, device=s.device)
+        kd_sum = torch.zeros((), dtype=dtype, device=s.device)
+        chunk = chunk or max(1, _CHUNK_BYTES // (4 * vocab))
+
+        for start in range(0, n, chunk):
+            rows = tuple(i[start:start + chunk] for i in where)
+            y = labels[rows]
+            if t is not None:
+                z = _chunk_log_probs(t, rows, vocab, dtype, T)  # (2) log pi_t_ft
+                if t_raw is not None:
+                    shift = (_chunk_log_probs(s_raw, rows, vocab, dtype, T).nan_to_num_(neginf=_LOG_ZERO)
+                             - _chunk_log_probs(t_raw, rows, vocab, dtype, T).nan_to_num_(neginf=_LOG_ZERO))
+                    z += alpha * shift  # (2) z = log pi_t_ft + alpha * (log pi_s_raw - log pi_t_raw)
+                    del shift
+                log_p = F.log_softmax(z, dim=-1).nan_to_num_(neginf=_LOG_ZERO)  # (3) log pi* = z - logsumexp(z)
+                del z
+
+            log_q = _chunk_log_probs(s, rows, vocab, dtype, T)  # log q = log softmax(s / T)
+            log_q1 = log_q if T == 1.0 else _chunk_log_probs(s, rows, vocab, dtype, 1.0)  # the SFT term is at T = 1
+            sft_sum -= log_q1.gather(1, y[:, None]).sum()  # (5) CE = -log softmax(s)[y]
+            g = log_q1.exp()  # (6) d CE / d s = softmax(s) ...
+            g[torch.arange(len(y), device=g.device), y] -= 1.0  # (6) ... - onehot(y)
+            g *= lam
+            del log_q1
+
+            if t is not None:
+                q = log_q.exp()  # q = softmax(s / T)
+                if divergence == "fkl":
+                    p = log_p.exp()  # pi*
+                    kd_sum += (p * (log_p - log_q)).sum()  # (5) KL(pi* || q) = sum pi* (log pi* - log q)
+                    g += (1 - lam) * T * (q - p)  # (6) T^2 * (q - pi*) / T
+                else:
+                    log_ratio = log_q - log_p  # log q - log pi*
+                    kl = (q * log_ratio).sum(-1, keepdim=True)  # (5) KL(q || pi*) at each position
+                    kd_sum += kl.sum()
+                    g += (1 - lam) * T * q * (log_ratio - kl)  # (6) T^2 * q * (log q - log pi* - KL) / T
+            if grad is not None:
+                grad[rows + (slice(0, vocab),)] = (g / denom).to(grad.dtype)  # (5) the share of num_tokens
+
+        ctx.save_for_backward(grad)  # freed by autograd right after backward, unless the graph is retained
+        sft = sft_sum / denom
+        kd = T * T * kd_sum / denom  # (5) T^2 * KL
+        loss = lam * sft + (1 - lam) * kd  # (5) L = lam * SFT + (1 - lam) * T^2 * KL
+        ctx.mark_non_differentiable(sft, kd)
+        return loss, sft, kd
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sft, _grad_kd):
+        grad, = ctx.saved_tensors
+        if grad_loss.item() != 1.0:  # loss.backward() passes exactly 1: then the buffer is handed over, not copied
+            grad = grad * grad_loss.to(grad.dtype)
+        return (grad,) + (None,) * 12

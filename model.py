@@ -1,0 +1,395 @@
+"""Qwen2 / Qwen2.5 decoder in plain PyTorch, reading and writing Hugging Face checkpoints.
+
+It computes what transformers' Qwen2ForCausalLM computes (RMSNorm in fp32, half-split RoPE, GQA with q/k/v biases,
+SwiGLU, tied embeddings), and its modules carry the checkpoint's tensor names, so weights load without a name map.
+
+References: Qwen2 Technical Report (arXiv:2407.10671); RoFormer (arXiv:2104.09864); GQA (arXiv:2305.13245);
+transformers/models/qwen2/modeling_qwen2.py; nanoGPT and gpt-fast for the shape of the code.
+"""
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+# copied next to the weights on save, and fetched with them from the Hub
+SIDE_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+              "added_tokens.json", "chat_template.jinja", "generation_config.json"]
+
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None  # None: one K/V head per query head, as in transformers
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # transformers' default; every Qwen2.5 config says 1e6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # not used by the model; kept so that a saved config serves unchanged in transformers and vLLM
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} must divide hidden_size "
+                             f"{self.hidden_size} and be a multiple of num_key_value_heads {self.num_key_value_heads}")
+
+    @classmethod
+    def from_json(cls, path_or_dir):
+        path = Path(path_or_dir)
+        path = path / "config.json" if path.is_dir() else path
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read model config {path}: {e}") from e
+
+        rope = raw.get("rope_parameters") or {}  # transformers >= 5 writes this; Qwen's own files write rope_theta
+        scaling, n_head = raw.get("rope_scaling") or {}, raw.get("num_attention_heads", 0)
+        refusals = [  # (field, refused, why): what this model cannot run faithfully
+            ("model_type", raw.get("model_type") != "qwen2", "only 'qwen2' is implemented"),
+            ("rope_scaling", scaling.get("rope_type", scaling.get("type", "default")) != "default",
+             "RoPE scaling is not implemented"),
+            ("rope_parameters", rope.get("rope_type", "default") != "default", "RoPE scaling is not implemented"),
+            ("use_sliding_window", raw.get("use_sliding_window"), "sliding-window attention is not implemented"),
+            ("layer_types", any(t != "full_attention" for t in raw.get("layer_types") or []),
+             "only full attention is implemented"),
+            ("hidden_act", raw.get("hidden_act", "silu") != "silu", "Qwen2's MLP is SwiGLU: only 'silu' works"),
+            ("attention_dropout", raw.get("attention_dropout"), "attention dropout is not implemented"),
+            ("head_dim", (raw.get("head_dim") or 0) * n_head not in (0, raw.get("hidden_size")),
+             "must be hidden_size / num_attention_heads"),
+            *((f.name, f.default is MISSING and f.name not in raw, "missing") for f in fields(cls))]
+        for field, refused, why in refusals:
+            if refused:
+                raise ValueError(f"{path}: field {field!r} = {raw.get(field)!r}: {why}")
+        kwargs = {f.name: raw[f.name] for f in fields(cls) if f.name in raw}
+        kwargs["rope_theta"] = rope.get("rope_theta", kwargs.get("rope_theta", cls.rope_theta))
+        return cls(**kwargs)
+
+    def to_dict(self):
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                "rope_scaling": None, "use_sliding_window": False, **asdict(self)}
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    # inv_freq is made on the CPU in fp32 like transformers' buffer, so every device rotates by the same angles
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = position_ids[:, None, :, None].float() * inv_freq.to(position_ids.device)  # (B, 1, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, D), broadcasts over heads
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # half-split rotation, as the checkpoints were trained
+
+
+def position_ids(input_ids, attention_mask):
+    if attention_mask is None:
+        return torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)  # (B, T)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T): padding does not shift positions
+
+
+def attention_mask_4d(attention_mask):
+    """(B, 1, T, T) boolean mask, or None where plain causal attention is already exact."""
+    if attention_mask is None or not (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
+        return None  # no padding, or right padding only: a real query never looks past itself
+    real = attention_mask.bool()
+    T = real.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
+    # a left-padding query has no real key before it; letting it see itself keeps its softmax finite
+    return causal & (real[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=real.device))
+
+
+class Qwen2RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)  # cast back before the weight, exactly as transformers does
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
+        # mask None means causal attention over this call's keys, which needs start == 0 when T > 1
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:  # (2, B, Hkv, S, D), preallocated for the whole generation
+            kv_cache[0, :, :, start:start + T] = k
+            kv_cache[1, :, :, start:start + T] = v
+            k, v = kv_cache[0, :, :, :start + T], kv_cache[1, :, :, :start + T]  # (B, Hkv, start+T, D)
+        n_rep = self.n_head // self.n_kv_head
+        if T == 1:  # decoding: fold the query heads onto their shared K/V head instead of repeating K/V
+            q = q.reshape(B, self.n_kv_head, n_rep, self.head_dim)  # (B, Hkv, n_rep, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, n_rep, D)
+        else:  # GQA: query head h reads K/V head h // n_rep, as transformers' repeat_kv
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=n_rep > 1).transpose(1, 2)  # (B, T, H, D)
+        return self.o_proj(y.reshape(B, T, -1))  # (B, T, H*D)
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = Qwen2Attention(cfg)
+        self.mlp = Qwen2MLP(cfg)
+        self.input_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # keep only each block's input; recompute the rest in backward
+
+    def forward(self, input_ids, cos, sin, mask, kv_cache=None, start=0):
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], start)
+        return self.norm(x)
+
+
+class Qwen2(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        # to_empty() swaps meta parameters module by module, which unties a shared one: re-tie after it
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _rope(self, pos):
+        cfg, dtype = self.config, self.model.embed_tokens.weight.dtype
+        return rope_cos_sin(pos, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, dtype)
+
+    def forward(self, input_ids, attention_mask=None):
+        cos, sin = self._rope(position_ids(input_ids, attention_mask))
+        return self.lm_head(self.model(input_ids, cos, sin, attention_mask_4d(attention_mask)))  # (B, T, V)
+
+    @torch.no_grad()
+    def init_weights(self, generator=None):
+        self.tie_weights()
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, self.config.initializer_range, generator=generator)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if isinstance(m, Qwen2RMSNorm):
+                m.weight.fill_(1.0)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, dtype=torch.bfloat16, device="cpu"):
+        path = resolve_model_dir(path_or_repo_id)
+        with torch.device("meta"):
+            model = cls(Qwen2Config.from_json(path)).to(dtype)  # cast on meta: no fp32 copy is ever made
+        model.to_empty(device=device)
+        load_weights(model, path)
+        model.name_or_path = str(path)
+        return model.eval()
+
+    def save_pretrained(self, dir, state_dict=None, tokenizer_dir=None, max_shard_size=5 * 10**9):
+        dir = Path(dir)
+        if dir.exists() and not (dir.is_dir() and (not any(dir.iterdir()) or (dir / "config.json").exists())):
+            raise FileExistsError(f"{dir} exists and is not a checkpoint folder: refusing to replace it")
+        if tokenizer_dir is not None and not Path(tokenizer_dir).exists():
+            raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} does not exist")
+        src = tokenizer_dir or getattr(self, "name_or_path", None)
+        src = None if src is None else Path(src).parent if Path(src).is_file() else Path(src)  # folder of the files
+        sd = {k: v.detach() for k, v in (self.state_dict() if state_dict is None else state_dict).items()
+              if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}  # tied: stored once
+        shards, size = [{}], 0
+        for name, t in sd.items():
+            if shards[-1] and size + t.nbytes > max_shard_size:
+                shards, size = shards + [{}], 0
+            shards[-1][name], size = t, size + t.nbytes
+        dtype = next(t.dtype for t in sd.values() if t.is_floating_point())
+
+        dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dir.name}.tmp-", dir=dir.parent))
+        try:  # everything goes into tmp, which is renamed at the end: no half checkpoint under the final name
+            config = {**self.config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            names = ["model.safetensors"] if len(shards) == 1 else \
+                [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            for fname, shard in zip(names, shards):  # one shard at a time is copied to the CPU
+                shard = {k: t.to("cpu").contiguous() for k, t in shard.items()}
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(t.nbytes for t in sd.values())},
+                         "weight_map": {k: f for f, shard in zip(names, shards) for k in shard}}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            for name in SIDE_FILES:
+                if src is not None and (src / name).exists():
+                    shutil.copyfile(src / name, tmp / name)
+            # a folder cannot be renamed onto a non-empty one, so the old checkpoint steps aside first
+            old = dir.parent / f".{dir.name}.old-{os.getpid()}" if dir.exists() else None
+            if old is not None:
+                dir.rename(old)
+            tmp.rename(dir)
+            if old is not None:
+                shutil.rmtree(old)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
+                 eos_token_id=None, generator=None):
+        B, T = input_ids.shape
+        N, dev = max_new_tokens, input_ids.device
+        if attention_mask is not None and not attention_mask[:, -1].all():
+            raise ValueError("generate() needs left-padded prompts with at least one token each")
+        if temperature < 0 or not 0 < top_p <= 1 or N < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0: got {temperature, top_p, N}")
+        eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=dev).reshape(-1)
+        out = torch.cat([input_ids, input_ids.new_zeros(B, N)], dim=1)  # (B, T+N); a normal tensor, trainable on
+        with torch.inference_mode():  # lighter than no_grad per op, which adds up over many small decode steps
+            pos = position_ids(input_ids, attention_mask)
+            pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, N + 1, device=dev)], dim=1)  # (B, T+N)
+            cos, sin = self._rope(pos)  # (B, 1, T+N, D), for the whole call
+            cfg, D = self.config, cos.size(-1)
+            cache = torch.empty(cfg.num_hidden_layers, 2, B, cfg.num_key_value_heads, T + N, D, dtype=cos.dtype,
+                                device=dev)  # (L, 2, B, Hkv, T+N, D), allocated once, written in place
+            padded = attention_mask is not None and not attention_mask.all()
+            keys = torch.ones(B, T + N, dtype=torch.bool, device=dev)  # (B, T+N): which cache slots are real
+            if padded:
+                keys[:, :T] = attention_mask.bool()
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            h = self.model(input_ids, cos[:, :, :T], sin[:, :, :T], attention_mask_4d(attention_mask), cache)
+            for s in range(T, T + N):  # s: the slot being filled
+                if s > T:  # feed the previous token, sitting in slot s - 1
+                    mask = keys[:, None, None, :s] if padded else None  # (B, 1, 1, s)
+                    h = self.model(out[:, s - 1:s], cos[:, :, s - 1:s], sin[:, :, s - 1:s], mask, cache, s - 1)
+                tok = sample(self.lm_head(h[:, -1]), temperature, top_p, generator)  # (B,)
+                if eos is not None:
+                    tok = torch.where(done, eos[0], tok)
+                    done |= torch.isin(tok, eos)
+                out[:, s] = tok
+                if eos is not None and done.all():
+                    out[:, s + 1:] = eos[0]  # every row has finished: stop, still returning the full width
+                    break
+        return out
+
+
+def sample(logits, temperature, top_p, generator=None):
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:  # nucleus: the most likely tokens until their mass reaches top_p, at least one
+        p, idx = probs.sort(dim=-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def resolve_model_dir(path_or_repo_id):
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path  # a local folder: no Hub call at all
+    name = str(path_or_repo_id)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name} is neither a model folder nor a Hub id like 'Qwen/Qwen2.5-1.5B'")
+    try:  # with HF_HUB_OFFLINE=1, or without network, this is served from the local Hub cache
+        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors",
+                                                            "model.safetensors.index.json", *SIDE_FILES]))
+    except Exception as e:
+        raise FileNotFoundError(f"cannot fetch {name!r} from the Hub nor find it in the local cache: {e}") from e
+
+
+def checkpoint_shapes(path):
+    """{tensor name: (file, shape)} of a safetensors checkpoint folder, read from the file headers only."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    elif any(p.suffix in (".bin", ".pt", ".pth") for p in path.iterdir()):
+        raise ValueError(f"{path} holds only pickle checkpoints (.bin/.pt), which this loader refuses to unpickle; "
+                         "convert them to safetensors (transformers: save_pretrained(safe_serialization=True))")
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    shapes = {}
+    for fname in files:
+        if not (path / fname).exists():
+            raise FileNotFoundError(f"{index} lists {fname}, which is not there")
+        with safe_open(path / fname, framework="pt") as f:
+            shapes.update({k: (fname, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+    return shapes
+
+
+@torch.no_grad()
+def load_weights(model, path):
+    path = Path(path)
+    model.tie_weights()
+    params = model.state_dict(keep_vars=True)
+    ckpt = checkpoint_shapes(path)  # checked in full before any tensor is read
+    if model.config.tie_word_embeddings:  # the shared matrix is stored once, as embed_tokens
+        params.pop("lm_head.weight")
+        ckpt.pop("lm_head.weight", None)  # some exporters write the copy anyway; transformers ignores it too
+    missing, unexpected = sorted(params.keys() - ckpt.keys()), sorted(ckpt.keys() - params.keys())
+    mismatched = [f"{k}: checkpoint {ckpt[k][1]} vs model {tuple(p.shape)}"
+                  for k, p in params.items() if k in ckpt and ckpt[k][1] != tuple(p.shape)]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"checkpoint {path} does not fit the model:\n  missing: {missing}\n"
+                         f"  unexpected: {unexpected}\n  shape mismatch: {mismatched}")
+    for fname in sorted({f for f, _ in ckpt.values()}):
+        with safe_open(path / fname, framework="pt") as f:
+            for name in (k for k in f.keys() if k in params):  # one tensor in memory at a time
+                p, t = params[name], f.get_tensor(name)
+                if isinstance(p, DTensor):  # FSDP: every rank reads the whole tensor and keeps its own shard
+                    t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                p.copy_(t)

@@ -3,16 +3,22 @@ model), Google's rouge-score (ROUGE). Distributed tests run real torch.distribut
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import data
 from deltakd import delta_kd_loss
 from model import Qwen2, Qwen2Config, load_weights, resolve_model_dir, sample
 
@@ -620,3 +626,574 @@ def test_model_init_weights_on_meta(tmp_path):
     assert abs(m.model.embed_tokens.weight.std().item() - 0.05) < 0.005
     assert (m.model.layers[1].self_attn.q_proj.bias == 0).all() and (m.model.norm.weight == 1).all()
     assert torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data.py: chat template, masks, sources, batches, toy data
+
+
+# Qwen2.5's chat template, verbatim (tokenizer_config.json of Qwen/Qwen2.5-*-Instruct), as the rendering oracle.
+_DATA_QWEN_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+def _data_u(role, content):
+    return {"role": role, "content": content}
+
+
+_DATA_CONVERSATIONS = {
+    "single": [_data_u("user", "What is 2 + 3?"), _data_u("assistant", "2 + 3 = 5.\nThe answer is 5.")],
+    "multi": [_data_u("user", "Hi"), _data_u("assistant", "Hello! How can I help?"),
+              _data_u("user", "Add 4 and 9."), _data_u("assistant", "4 + 9 = 13.")],
+    "system": [_data_u("system", "You are a terse math tutor."), _data_u("user", "7 x 6?"),
+               _data_u("assistant", "42")],
+    "late_system": [_data_u("user", "a"), _data_u("assistant", "b"), _data_u("system", "be brief"),
+                    _data_u("user", "c"), _data_u("assistant", "d")],
+    "whitespace": [_data_u("system", "  sys with spaces \n"), _data_u("user", "\n\nleading newlines"),
+                   _data_u("assistant", "\n\n  reply with edges  \n\n"), _data_u("user", " "),
+                   _data_u("assistant", " \n")],
+    "empty_reply": [_data_u("user", "say nothing"), _data_u("assistant", "")],
+    "unicode": [_data_u("user", "caf\u00e9 \U0001F600 e\u0301"), _data_u("assistant", "\u00fcber \U0001F600\t\n")],
+    "trailing_user": [_data_u("user", "q1"), _data_u("assistant", "a1"), _data_u("user", "q2")],
+}
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+@pytest.fixture(scope="module")
+def _data_toy(tmp_path_factory):
+    """A small toy set and its tokenizer, written like `python data.py toy` writes them."""
+    out = tmp_path_factory.mktemp("toy")
+    chats, corpus = data.toy_chats(300, seed=3), data.toy_corpus(300, seed=3)
+    tok = data.train_toy_tokenizer([data.render_chat(r["messages"]) for r in chats] + [r["text"] for r in corpus])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
+    return out, data.load_tokenizer(out)
+
+
+def _data_byte_chars():
+    """GPT-2's byte -> printable-char map, in the order that gives Qwen's first 256 ids ('!' = 0, '\\n' = 198)."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = list(bs)
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+@pytest.fixture(scope="module")
+def _data_qwen_layout():
+    """A tokenizer laid out like Qwen2.5's: its pre-tokenizer and normalizer, 151643 BPE ids, then the special tokens,
+    with the ids FACTS.md gives: '\\n' 198, '\\n\\n' 271, 'assistant' 77091, specials 151643-151645. Other words
+    exist only as bytes, so any id this test expects is one that Qwen2.5 also produces."""
+    from tokenizers import Tokenizer
+    chars = _data_byte_chars()
+    vocab = {chars[b]: i for i, b in enumerate(chars)}
+    assert vocab["\u010a"] == 198
+    merges = [("\u010a", "\u010a")]
+    fixed = {"\u010a\u010a": 271, "assistant": 77091}
+    for word in ("assistant",):
+        for k in range(2, len(word) + 1):
+            merges.append((word[:k - 1], word[k - 1]))
+    pieces = sorted({a + b for a, b in merges} - set(fixed))
+    free = (i for i in range(256, 151643) if i not in fixed.values())
+    vocab.update(fixed)
+    vocab.update({p: next(free) for p in pieces})
+    vocab.update({f"<unused_{i}>": i for i in free})
+    assert len(vocab) == 151643
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": 151643 + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for k, t in enumerate(data.SPECIAL_TOKENS)],
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": data.QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": [list(m) for m in merges]},
+    }
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _data_hf(tok):
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=_DATA_QWEN_TEMPLATE)
+
+
+def _data_expected_labels(messages, tok, ids):
+    """Independent mask oracle: rebuild each token's byte span from its byte-level string and supervise the tokens
+    that overlap an assistant reply's content or its <|im_end|> (found by searching the rendered text)."""
+    inverse = {c: b for b, c in _data_byte_chars().items()}
+    special = set(data.SPECIAL_TOKENS)
+    pieces = [t.encode() if t in special else bytes(inverse[c] for c in t) for t in map(tok.id_to_token, ids)]
+    text = unicodedata.normalize("NFC", data.render_chat(messages)).encode()
+    assert b"".join(pieces) == text
+    spans, pos = [], 0
+    for m in messages:
+        head = f"<|im_start|>{m['role']}\n".encode()
+        pos = text.index(head, pos) + len(head)
+        end = pos + len(unicodedata.normalize("NFC", m["content"]).encode()) + len(b"<|im_end|>")
+        if m["role"] == "assistant":
+            spans.append((pos, end))
+        pos = end
+    labels, start = [], 0
+    for i, p in zip(ids, pieces):
+        end = start + len(p)
+        labels.append(i if any(start < b and end > a for a, b in spans) else -100)
+        start = end
+    return labels
+
+
+# ---------------------------------------------------------------------------- rendering and masks
+
+@pytest.fixture(scope="module")
+def _data_oracles(_data_toy, _data_qwen_layout):
+    return [(tok, _data_hf(tok)) for tok in (_data_toy[1], _data_qwen_layout)]
+
+
+@pytest.mark.parametrize("name", sorted(_DATA_CONVERSATIONS))
+def test_data_render_and_ids_match_transformers_template(name, _data_oracles):
+    messages = _DATA_CONVERSATIONS[name]
+    for tok, hf in _data_oracles:
+        assert data.render_chat(messages) == hf.apply_chat_template(messages, tokenize=False)
+        assert data.render_chat(messages, add_generation_prompt=True) == \
+            hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ex = data.encode_chat(messages, tok)
+        assert ex["input_ids"] == hf.apply_chat_template(messages, tokenize=True)["input_ids"]
+        assert ex["labels"] == _data_expected_labels(messages, tok, ex["input_ids"])
+
+
+def test_data_known_qwen_ids_and_mask_positions(_data_qwen_layout):
+    tok = _data_qwen_layout
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [151643, 151644, 151645]
+    assert tok.encode("<|im_start|>assistant\n", add_special_tokens=False).ids == [151644, 77091, 198]
+    assert tok.encode("<|im_end|>\n", add_special_tokens=False).ids == [151645, 198]
+    assert tok.encode("\n\n", add_special_tokens=False).ids == [271]
+    ids = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    ex = data.encode_chat([_data_u("user", "hi"), _data_u("assistant", "Yo")], tok)
+    tail = [151644, 77091, 198] + ids("Yo") + [151645, 198]
+    assert ex["input_ids"][-len(tail):] == tail
+    assert ex["labels"][-len(tail):] == [-100, -100, -100] + ids("Yo") + [151645, -100]
+    assert all(label == -100 for label in ex["labels"][:-len(tail)])  # system, user, headers
+    assert ex["input_ids"][:1] == [151644] and ex["input_ids"].count(151644) == 3  # the default system turn
+    # A reply starting with "\n" merges with the header's "\n" into 271; it carries the reply, so it is supervised.
+    ex = data.encode_chat([_data_u("user", "hi"), _data_u("assistant", "\nYo")], tok)
+    tail = [151644, 77091, 271] + ids("Yo") + [151645, 198]
+    assert ex["input_ids"][-len(tail):] == tail
+    assert ex["labels"][-len(tail):] == [-100, -100, 271] + ids("Yo") + [151645, -100]
+    # The prompt for generation ends in the generation header and stops before the last reply.
+    prompt = data.encode_prompt(_DATA_CONVERSATIONS["multi"], tok)
+    full = data.encode_chat(_DATA_CONVERSATIONS["multi"], tok)["input_ids"]
+    assert prompt[-3:] == [151644, 77091, 198] and full[:len(prompt)] == prompt
+
+
+def test_data_masks_by_decoding(_data_toy):
+    tok = _data_toy[1]
+    ex = data.encode_chat(_DATA_CONVERSATIONS["multi"], tok)
+    runs, run = [], []
+    for i, label in zip(ex["input_ids"], ex["labels"]):
+        if label != -100:
+            run.append(i)
+        elif run:
+            runs.append(run)
+            run = []
+    assert [tok.decode(r, skip_special_tokens=False) for r in runs] == \
+        ["Hello! How can I help?<|im_end|>", "4 + 9 = 13.<|im_end|>"]
+    sys_ex = data.encode_chat(_DATA_CONVERSATIONS["system"], tok)
+    assert "You are Qwen" not in tok.decode(sys_ex["input_ids"])
+    assert data.render_chat(_DATA_CONVERSATIONS["system"]).startswith("<|im_start|>system\nYou are a terse")
+
+
+def test_data_encode_text_and_truncation(_data_toy):
+    tok = _data_toy[1]
+    eot = tok.token_to_id("<|endoftext|>")
+    ex = data.encode_text("3 + 4 = 7.", tok)
+    assert ex["input_ids"][-1] == eot and ex["labels"] == ex["input_ids"]
+    assert data.encode_text("3 + 4 = 7.", tok, max_len=3)["input_ids"] == ex["input_ids"][:3]
+    messages = _DATA_CONVERSATIONS["multi"]
+    full = data.encode_chat(messages, tok)
+    for k in (5, 40, len(full["input_ids"]) - 1, len(full["input_ids"]) + 10):
+        cut = data.encode_chat(messages, tok, max_len=k)
+        assert cut["input_ids"] == full["input_ids"][:k] and cut["labels"] == full["labels"][:k]
+    first = next(i for i, label in enumerate(full["labels"]) if label != -100)
+    rows = [{"id": "a", "messages": messages}, {"id": "b", "text": "1 + 1 = 2."}]
+    examples = data.build_examples(rows, tok, max_len=first + 1)  # the chat keeps one supervised token
+    assert len(examples) == 2 and list(examples[0]["labels"]) == full["labels"][:first + 1]
+    assert examples[0]["input_ids"].dtype == np.int32
+
+
+def test_data_prompt_filling_max_len_is_dropped(_data_toy, capsys):
+    tok = _data_toy[1]
+    messages = _DATA_CONVERSATIONS["single"]
+    first = next(i for i, label in enumerate(data.encode_chat(messages, tok)["labels"]) if label != -100)
+    rows = [{"id": "a", "messages": messages}, {"id": "b", "messages": messages}, {"id": "c", "text": "5."}]
+    examples = data.build_examples(rows, tok, max_len=first)
+    assert len(examples) == 1 and "dropped 2 of 3 rows" in capsys.readouterr().out
+
+
+def test_data_load_tokenizer_errors(tmp_path, _data_toy):
+    from tokenizers import Tokenizer, models
+    assert data.load_tokenizer(_data_toy[0] / "tokenizer.json").get_vocab_size() == _data_toy[1].get_vocab_size()
+    tok = Tokenizer(models.BPE())
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"<\|im_end\|>"):
+        data.load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        data.load_tokenizer(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _data_write_jsonl(path, rows):
+    path.write_bytes(b"".join(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode() for r in rows))
+    return path
+
+
+_DATA_GOOD = {"messages": [_data_u("user", "q"), _data_u("assistant", "a")]}
+
+
+@pytest.mark.parametrize("bad, why", [
+    (b'{"messages": [\n', "malformed JSON"),
+    ({"messages": [_data_u("user", "q")]}, "no assistant turn"),
+    ({"messages": [_data_u("user", "q"), _data_u("bot", "a")]}, "unknown role"),
+    ({"messages": [_data_u("user", "q"), _data_u("assistant", 5)]}, "non-string content"),
+    ({"prompt": "q", "response": None}, "non-string content"),
+    (b'{"text": "caf\xe9"}\n', "invalid UTF-8"),
+    ({"question": "q"}, "bad row"),
+])
+def test_data_bad_input_names_file_and_line(tmp_path, bad, why, capsys):
+    path = _data_write_jsonl(tmp_path / "rows.jsonl", [_DATA_GOOD, {"text": "fine"}, bad, _DATA_GOOD])
+    with pytest.raises(ValueError, match=why) as err:
+        data.load_rows(path)
+    assert f"{path}:3:" in str(err.value)
+    rows = data.load_rows(path, skip_bad=True)
+    assert [r["id"] for r in rows] == ["rows.jsonl:1", "rows.jsonl:2", "rows.jsonl:4"]
+    assert f"skipped 1 bad rows of {path}: 1 {why}" in capsys.readouterr().out
+
+
+def test_data_bad_rows_in_json_and_parquet_and_skip_counts(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([_DATA_GOOD, {"messages": [_data_u("user", "q")]}]))
+    with pytest.raises(ValueError, match=rf"{path} row 1: no assistant turn"):
+        data.load_rows(path)
+    path.write_text('[{"text": "a"},\n {"text": }]')
+    with pytest.raises(ValueError, match=rf"{path}:2: malformed JSON"):  # a broken list fails even with skip_bad
+        data.load_rows(path, skip_bad=True)
+    path.write_bytes(b'[{"text": "a"},\n {"text": "\xff"}]')
+    with pytest.raises(ValueError, match=rf"{path}:2: invalid UTF-8"):
+        data.load_rows(path)
+    pq.write_table(pa.Table.from_pylist([{"prompt": "q", "response": "a"}, {"prompt": "q", "response": None}]),
+                   tmp_path / "rows.parquet")
+    with pytest.raises(ValueError, match=r"rows.parquet row 1: non-string content"):
+        data.load_rows(tmp_path / "rows.parquet")
+    mixed = _data_write_jsonl(tmp_path / "mixed.jsonl", [b"{oops\n", {"messages": [_data_u("user", "q")]},
+                                                         b"\xff\n", _DATA_GOOD, b"[1,\n"])
+    assert len(data.load_rows(mixed, skip_bad=True)) == 1
+    out = capsys.readouterr().out
+    assert f"skipped 4 bad rows of {mixed}: 1 invalid UTF-8, 2 malformed JSON, 1 no assistant turn" in out
+
+
+def _data_ultrachat_table(n, offset=0):
+    return pa.Table.from_pylist([{"prompt": f"q{offset + i}", "prompt_id": f"p{offset + i}", "messages": [
+        _data_u("user", f"q{offset + i}"), _data_u("assistant", f"a{offset + i}")]} for i in range(n)])
+
+
+def _data_openmath_table(n, offset=0):
+    return pa.Table.from_pylist([{"problem": f"P{offset + i}", "generated_solution": f"S{offset + i}",
+                                  "expected_answer": "1", "problem_type": "x", "inference_mode": "cot"}
+                                 for i in range(n)])
+
+
+def test_data_parquet_json_and_folders(tmp_path):
+    folder = tmp_path / "ultra" / "data"
+    folder.mkdir(parents=True)
+    pq.write_table(_data_ultrachat_table(3), folder / "train_sft-00000-of-00002-abc.parquet")
+    pq.write_table(_data_ultrachat_table(2, 3), folder / "train_sft-00001-of-00002-abc.parquet")
+    pq.write_table(_data_ultrachat_table(4, 100), folder / "test_sft-00000-of-00001-abc.parquet")
+    rows = data.load_rows(tmp_path / "ultra", split="train_sft")
+    assert [r["messages"][1]["content"] for r in rows] == ["a0", "a1", "a2", "a3", "a4"]
+    assert rows[0]["messages"] == [_data_u("user", "q0"), _data_u("assistant", "a0")]
+    assert len(data.load_rows(tmp_path / "ultra", split="test_sft")) == 4
+    assert len(data.load_rows(tmp_path / "ultra")) == 9
+    assert len(data.load_rows(tmp_path / "ultra", split="train_sft", max_rows=4)) == 4
+    with pytest.raises(FileNotFoundError, match="split 'train_gen'"):
+        data.load_rows(tmp_path / "ultra", split="train_gen")
+    pq.write_table(_data_openmath_table(2), tmp_path / "om.parquet")
+    assert data.load_rows(tmp_path / "om.parquet")[1]["messages"] == [_data_u("user", "P1"), _data_u("assistant", "S1")]
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _data_write_jsonl(mixed / "a.jsonl", [{"id": 7, "prompt": "p", "response": "r"}, {"text": "t"}])
+    (mixed / "b.json").write_text(json.dumps([_DATA_GOOD]))
+    (mixed / "c.json").write_text(json.dumps({"text": "x"}) + "\n" + json.dumps({"text": "y"}) + "\n")  # JSON lines
+    pq.write_table(pa.Table.from_pylist([{"text": "pq"}]), mixed / "d.parquet")
+    rows = data.load_rows(mixed)
+    assert rows[0] == {"id": "7", "messages": [_data_u("user", "p"), _data_u("assistant", "r")]}
+    assert [r.get("text") for r in rows[1:]] == ["t", None, "x", "y", "pq"]
+    with pytest.raises(FileNotFoundError, match="not a Hub dataset id"):
+        data.load_rows(tmp_path / "missing.jsonl")
+
+
+_DATA_HUB_SCRIPT = """
+import sys, data
+rows = data.load_rows("nvidia/OpenMathReasoning", max_rows=4)
+print("OM", [r["messages"][0]["content"] for r in rows])
+rows = data.load_rows("HuggingFaceH4/ultrachat_200k", split="test_sft")
+print("UC", [r["messages"][1]["content"] for r in rows])
+try:
+    data.load_rows("nvidia/OpenMathReasoning")
+except Exception as e:
+    print("ALL", type(e).__name__, e)
+"""
+
+
+def test_data_hub_ids_from_offline_cache(tmp_path):
+    """The Hub path end to end, offline: a cache laid out as huggingface_hub lays it out, HF_HUB_OFFLINE=1.
+    The second OpenMathReasoning shard is not a parquet file, so reading it fails: a row limit that the first shard
+    meets must stop before it."""
+    cache = tmp_path / "hub"
+    for repo, shards in {
+        "nvidia/OpenMathReasoning": {"data/cot-00000-of-00002.parquet": _data_openmath_table(4),
+                                     "data/cot-00001-of-00002.parquet": b"not parquet",
+                                     "data/tir-00000-of-00001.parquet": _data_openmath_table(2, 50)},
+        "HuggingFaceH4/ultrachat_200k": {"data/train_sft-00000-of-00001-x.parquet": _data_ultrachat_table(2),
+                                         "data/test_sft-00000-of-00001-x.parquet": _data_ultrachat_table(3, 10)},
+    }.items():
+        root = cache / ("datasets--" + repo.replace("/", "--"))
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(commit)
+        for name, content in shards.items():
+            path = root / "snapshots" / commit / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content) if isinstance(content, bytes) else pq.write_table(content, path)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", _DATA_HUB_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "OM ['P0', 'P1', 'P2', 'P3']" in out.stdout
+    assert "UC ['a10', 'a11', 'a12']" in out.stdout
+    assert "ALL ValueError" in out.stdout and "cot-00001-of-00002.parquet" in out.stdout
+
+
+# ---------------------------------------------------------------------------- batches
+
+def _data_examples(n):
+    """Example i is i + 1 repeated (i % 7) + 1 times: its first token names it, lengths vary."""
+    return [{"input_ids": [i + 1] * (i % 7 + 1), "labels": [-100] + [i + 1] * (i % 7)} for i in range(n)]
+
+
+def _data_step_ids(step):
+    """The examples (by first token) in one rank's step, and how many filler rows it had."""
+    ids, fillers = [], 0
+    for mb in step:
+        for row, mask, labels in zip(mb["input_ids"], mb["attention_mask"], mb["labels"]):
+            if (labels == -100).all() and int(mask.sum()) == 1 and int(row[0]) == 0:
+                fillers += 1
+            else:
+                ids.append(int(row[0]))
+    return ids, fillers
+
+
+def _data_epoch(n, batch_size, mbs, world_size, seed=0):
+    """Per step: the union over ranks, and the per-rank micro-batch counts."""
+    ranks = [data.Batches(_data_examples(n), batch_size, mbs, rank=r, world_size=world_size, seed=seed)
+             for r in range(world_size)]
+    steps = []
+    for per_rank in zip(*ranks):
+        assert len({len(s) for s in per_rank}) == 1  # same number of micro-batches on every rank
+        ids = [i for s in per_rank for i in _data_step_ids(s)[0]]
+        assert len(ids) == len(set(ids))  # no overlap across ranks
+        steps.append(sorted(ids))
+    assert len(steps) == len(ranks[0]) == -(-n // batch_size)
+    assert all(b.epoch == 1 and b.step == 0 for b in ranks)
+    return steps
+
+
+def test_data_batches_sharding_is_independent_of_world_size_and_micro_batches():
+    n, batch_size = 29, 8
+    reference = _data_epoch(n, batch_size, batch_size, 1)
+    assert sorted(i for s in reference for i in s) == list(range(1, n + 1))  # every example once per epoch
+    for world_size, mbs in [(1, 1), (1, 4), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2), (8, 1)]:
+        assert _data_epoch(n, batch_size, mbs, world_size) == reference
+    assert _data_epoch(n, batch_size, 2, 2, seed=1) != reference
+
+
+def test_data_batches_padding_fillers_and_shuffle():
+    examples = _data_examples(10)
+    b = data.Batches(examples, batch_size=4, micro_batch_size=2, rank=1, world_size=2, seed=5, pad_id=0)
+    steps = list(b)
+    for step in steps:
+        assert len(step) == 1
+        mb = step[0]
+        T = mb["input_ids"].shape[1]
+        assert T % 8 == 0 and mb["input_ids"].dtype == mb["labels"].dtype == mb["attention_mask"].dtype
+        lengths = mb["attention_mask"].sum(1)
+        assert T == -(-int(lengths.max()) // 8) * 8
+        for row, mask, labels, n in zip(mb["input_ids"], mb["attention_mask"], mb["labels"], lengths):
+            assert (mask[:n] == 1).all() and (mask[n:] == 0).all() and (labels[n:] == -100).all()
+            if not (labels == -100).all():
+                ex = examples[int(row[0]) - 1]
+                assert row[:n].tolist() == ex["input_ids"] and labels[:n].tolist() == ex["labels"]
+    # 10 examples in batches of 4: the last global batch has 2, one per rank, so this rank gets one filler row.
+    assert [_data_step_ids(s)[1] for s in steps] == [0, 0, 1]
+    epoch0 = [_data_step_ids(s)[0] for s in steps]
+    epoch1 = [_data_step_ids(s)[0] for s in b]
+    assert epoch0 != epoch1 and b.epoch == 2  # a new shuffle each epoch
+    again = data.Batches(examples, batch_size=4, micro_batch_size=2, rank=1, world_size=2, seed=5)
+    assert [_data_step_ids(s)[0] for s in again] == epoch0  # deterministic from the seed
+
+
+def test_data_batches_resume_exactly():
+    examples = _data_examples(23)
+    run = data.Batches(examples, batch_size=6, micro_batch_size=3, seed=2)
+    it, seen, state = iter(run), [], None
+    for k in range(3 * len(run)):  # three epochs, state saved after step 5 (the middle of epoch 1)
+        if k == len(run):
+            it = iter(run)
+        if k == 2 * len(run):
+            it = iter(run)
+        step = next(it)
+        seen.append([mb["input_ids"].tolist() for mb in step])
+        if k == 5:
+            state = json.loads(json.dumps(run.state_dict()))  # it must survive a checkpoint file
+    resumed = data.Batches(examples, batch_size=6, micro_batch_size=2, seed=2)  # micro-batch size may change
+    resumed.load_state_dict(state)
+    assert (resumed.epoch, resumed.step) == (1, 2)
+    rest = []
+    for _ in range(2):
+        for step in resumed:
+            rest.append(sorted(int(r[0]) for mb in step for r in mb["input_ids"]))
+    assert rest == [sorted(r[0] for mb in step for r in mb) for step in seen[6:]]
+    # After the last step of an epoch the state already names the next epoch, so an epoch loop resumes cleanly.
+    end = data.Batches(examples, batch_size=6, micro_batch_size=3, seed=2)
+    list(end)
+    assert end.state_dict()["epoch"] == 1 and end.state_dict()["step"] == 0
+    with pytest.raises(ValueError, match="num_examples"):
+        data.Batches(examples[:-1], 6, 3, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        data.Batches(examples, 6, 3, seed=3).load_state_dict(state)
+
+
+def test_data_batches_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size 6 is not divisible by world_size 4"):
+        data.Batches(_data_examples(4), 6, 1, world_size=4)
+    with pytest.raises(ValueError, match="= 4 is not divisible by micro_batch_size 3"):
+        data.Batches(_data_examples(4), 8, 3, world_size=2)
+    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, world_size=2\)"):
+        data.Batches(_data_examples(4), 8, 1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="no examples"):
+        data.Batches([], 8, 1)
+
+
+# ---------------------------------------------------------------------------- toy data
+
+def test_data_toy_cli_is_deterministic_and_loads(tmp_path):
+    args = ["--n-train", "300", "--n-test", "30", "--n-corpus", "300"]
+    procs = [subprocess.Popen([sys.executable, str(REPO / "data.py"), "toy", "--out", str(tmp_path / d),
+                               "--seed", "7", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for d in ("a", "b")]  # two processes: the Rust trainer's hash seeds differ between them
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read().decode()
+    names = ["tokenizer.json", "tokenizer_config.json", "train.jsonl", "test.jsonl", "corpus.jsonl"]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    tok = data.load_tokenizer(tmp_path / "a")
+    V = tok.get_vocab_size(with_added_tokens=True)
+    assert 300 <= V <= 1024
+    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == [V - 3, V - 2, V - 1]  # after the BPE vocab
+    train, test = data.load_rows(tmp_path / "a" / "train.jsonl"), data.load_rows(tmp_path / "a" / "test.jsonl")
+    assert len(train) == 300 and len(test) == 30
+    assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in test}
+    corpus = data.load_rows(tmp_path / "a" / "corpus.jsonl")
+    assert len(corpus) == 300 and all("text" in r and "<|im_start|>" not in r["text"] for r in corpus)
+    raw = json.loads((tmp_path / "a" / "train.jsonl").read_text().splitlines()[0])
+    assert raw["messages"][1]["content"].endswith(f"\\boxed{{{raw['answer']}}}.")
+    # The chat template shipped in tokenizer_config.json renders like Qwen2.5's.
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    for messages in [r["messages"] for r in train[:3]] + list(_DATA_CONVERSATIONS.values()):
+        assert hf.apply_chat_template(messages, tokenize=False) == data.render_chat(messages)
+        assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            data.render_chat(messages, add_generation_prompt=True)
+    examples = data.build_examples(train, tok)
+    assert max(len(e["input_ids"]) for e in examples) < 200  # short enough for tiny models
+
+
+def test_data_toy_problems_vary():
+    rows = data.toy_chats(400, seed=0)
+    assert rows == data.toy_chats(400, seed=0) and rows != data.toy_chats(400, seed=1)
+    shapes = set()
+    for r in rows:
+        shape = re.sub(r"\d+", "N", r["messages"][0]["content"])
+        for word in data.NAMES + data.ITEMS:
+            shape = re.sub(rf"\b{word}\b", "W", shape)
+        shapes.add(shape)
+    assert len(shapes) == 7  # seven problem shapes, not one template
+    for r in rows[:50]:
+        answer = r["messages"][1]["content"].rsplit("\\boxed{", 1)[1].rstrip("}.")
+        assert answer == r["answer"]
+
+
+def test_data_reference_template_copy_is_current():
+    shared = REPO.parent / "shared" / "reference" / "qwen2.5_chat_template.jinja"
+    if not shared.exists():
+        pytest.skip("no shared reference folder here")
+    assert shared.read_text() == _DATA_QWEN_TEMPLATE

@@ -1,0 +1,460 @@
+"""Data for deltakd: Qwen2.5 chat formatting with response-only labels, dataset loading, sharded batches, toy data.
+
+    load_rows(spec) -> rows -> build_examples(rows, tokenizer, max_len) -> examples -> Batches(examples, ...)
+
+- load_rows checks every row, so bad data fails before training starts, naming the file and line (JSON lines) or row
+  (parquet, .json lists; 0-based). skip_bad=True skips bad rows instead and prints how many and why.
+- build_examples tokenizes. Rows longer than max_len are cut on the right (labels too); rows whose prompt alone fills
+  max_len keep no supervised token and are dropped, and the number dropped is printed.
+- encode_chat tokenizes the whole rendered string (Qwen merges "\\n\\n" into one token, so encoding piece by piece
+  would not match transformers' apply_chat_template) and takes the labels from the tokens' character offsets.
+References: the Qwen2.5 chat template (ChatML); HuggingFaceH4/ultrachat_200k; nvidia/OpenMathReasoning.
+"""
+import argparse
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+ROLES = ("system", "user", "assistant")  # tool calls are not part of this project's data
+IGNORE = -100
+# Hub datasets we know: default split, and the only columns worth reading (OpenMathReasoning rows are large).
+ADAPTERS = {"HuggingFaceH4/ultrachat_200k": ("train_sft", ["messages"]),
+            "nvidia/OpenMathReasoning": ("cot", ["problem", "generated_solution"])}
+
+# ---------------------------------------------------------------------------- tokenizer and encoding
+
+def load_tokenizer(path):
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    tok = Tokenizer.from_file(str(file))
+    tok.no_truncation()  # a tokenizer.json may carry settings that would silently cut or pad our encodings
+    tok.no_padding()
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"{file}: special token(s) {', '.join(missing)} missing from the vocabulary")
+    return tok
+
+
+def _check_messages(messages, need_assistant=True):
+    """Why a conversation cannot be rendered, or None. The text before ':' is the category skip_bad counts."""
+    if not isinstance(messages, list):
+        return f"bad messages: expected a list, got {type(messages).__name__}"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"bad messages: message {i} is not a {{role, content}} object"
+        if m["role"] not in ROLES:
+            return f"unknown role: message {i} has role {m['role']!r}, expected one of {', '.join(ROLES)}"
+        if not isinstance(m["content"], str):
+            return f"non-string content: message {i} ({m['role']}) has content of type {type(m['content']).__name__}"
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn"
+
+
+def _render(messages, add_generation_prompt=False, need_assistant=True):
+    """Qwen2.5's template without tools, plus the character spans to supervise: each reply's content + <|im_end|>.
+    The template puts a leading system message in its header and renders any later one as a turn, so every message
+    comes out alike; only a missing system message changes the text (the default one is inserted)."""
+    problem = _check_messages(messages, need_assistant)
+    if problem:
+        raise ValueError(problem)
+    spans = []
+    text = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n"
+    for m in messages:
+        text += f"<|im_start|>{m['role']}\n"
+        start = len(text)
+        text += m["content"] + "<|im_end|>"
+        if m["role"] == "assistant":
+            spans.append((start, len(text)))
+        text += "\n"  # not supervised: generation stops at <|im_end|>
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else ""), spans
+
+
+def render_chat(messages, add_generation_prompt=False):
+    return _render(messages, add_generation_prompt, need_assistant=False)[0]
+
+
+def _labelled(encoding, spans, max_len):
+    """Supervise every token that overlaps a span. A token can straddle the header: "assistant\\n" + a reply starting
+    with "\\n" makes one "\\n\\n" token; it carries the reply's first character, so it is supervised (transformers'
+    assistant mask, built with char_to_token, makes the same choice)."""
+    ids, labels, j = encoding.ids, [IGNORE] * len(encoding.ids), 0
+    for i, (start, end) in enumerate(encoding.offsets):  # offsets ascend: walk the spans alongside
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        if j < len(spans) and end > spans[j][0]:
+            labels[i] = ids[i]
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}  # [:None] keeps everything
+
+
+def encode_chat(messages, tokenizer, max_len=None):
+    text, spans = _render(messages)
+    return _labelled(tokenizer.encode(text, add_special_tokens=False), spans, max_len)
+
+
+def encode_prompt(messages, tokenizer):
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return tokenizer.encode(render_chat(messages[:last], add_generation_prompt=True), add_special_tokens=False).ids
+
+
+def encode_text(text, tokenizer, max_len=None):
+    ids = (tokenizer.encode(text, add_special_tokens=False).ids + [tokenizer.token_to_id("<|endoftext|>")])[:max_len]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def build_examples(rows, tokenizer, max_len=None, chunk=1024):
+    """Rows from load_rows -> examples {input_ids, labels} as int32 arrays (Python int lists of a 200k-row set would
+    take tens of GB). encode_batch in chunks: fast, without holding every Encoding at once."""
+    examples, dropped, eot = [], 0, tokenizer.token_to_id("<|endoftext|>")
+    for c in range(0, len(rows), chunk):
+        rendered = [_render(r["messages"]) if "messages" in r else (r["text"], None) for r in rows[c:c + chunk]]
+        encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+        for (_, spans), enc in zip(rendered, encodings):
+            if spans is None:  # plain text: all supervised, like encode_text
+                ids = (enc.ids + [eot])[:max_len]
+                ex = {"input_ids": ids, "labels": ids}
+            else:
+                ex = _labelled(enc, spans, max_len)
+            if all(label == IGNORE for label in ex["labels"]):
+                dropped += 1
+            else:
+                examples.append({k: np.asarray(v, dtype=np.int32) for k, v in ex.items()})
+    if dropped:
+        print(f"build_examples: dropped {dropped} of {len(rows)} rows whose prompt alone fills max_len={max_len}")
+    return examples
+
+# ---------------------------------------------------------------------------- sources
+
+def _split_matches(name, split):
+    """Hub layouts: data/{split}-00000-of-00003-<hash>.parquet, {split}.jsonl, {split}/<anything>.parquet."""
+    name = Path(name)
+    return split is None or re.match(rf"{re.escape(split)}[-.]", name.name) or split in name.parts[:-1]
+
+
+def _read_file(file, columns=None):
+    """Yield (where, id, row, problem) per row: the parsed row, or why this line could not be read."""
+    file, name = str(file), Path(file).name
+    if file.endswith(".parquet"):
+        try:
+            pf = pq.ParquetFile(file)
+        except Exception as e:
+            raise ValueError(f"{file}: not a readable parquet file ({e})") from e
+        if missing := [c for c in columns or [] if c not in pf.schema_arrow.names]:
+            raise ValueError(f"{file}: missing column(s) {', '.join(missing)}")
+        rows = (row for batch in pf.iter_batches(batch_size=256, columns=columns) for row in batch.to_pylist())
+        yield from ((f"{file} row {n}", f"{name}:{n}", row, None) for n, row in enumerate(rows))
+        return
+    raw = Path(file).read_bytes()
+    if file.endswith(".json") and raw.lstrip().startswith(b"["):  # a list of rows; other .json files: JSON lines
+        try:
+            rows = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:  # the whole file is unusable: fail even with skip_bad
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ValueError(f"{file}:{line}: invalid UTF-8 at byte {e.start}") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}") from e
+        yield from ((f"{file} row {n}", f"{name}:{n}", row, None) for n, row in enumerate(rows))
+        return
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            if (line := line.decode("utf-8")).strip():
+                yield f"{file}:{n}", f"{name}:{n}", json.loads(line), None
+        except UnicodeDecodeError as e:
+            yield f"{file}:{n}", None, None, f"invalid UTF-8: byte {e.start} of the line"
+        except json.JSONDecodeError as e:
+            yield f"{file}:{n}", None, None, f"malformed JSON: {e.msg} at column {e.colno}"
+
+
+def _hub_shards(repo, split):
+    try:
+        names = HfApi().list_repo_files(repo, repo_type="dataset")
+    except Exception as e:  # offline (HF_HUB_OFFLINE=1) or no network: list the copy in the local HF cache
+        try:
+            root = Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
+        except Exception:
+            raise ConnectionError(f"cannot list the files of Hub dataset {repo} ({e}), and it is not cached") from e
+        names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    if not (shards := sorted(n for n in names if n.endswith(".parquet") and _split_matches(n, split))):
+        raise ValueError(f"Hub dataset {repo}: no parquet files for split {split!r}")
+    return shards
+
+
+def _normalise(row, rid):
+    """Any supported row shape -> ({"id", "messages"} or {"id", "text"}, None), or (None, why not)."""
+    if not isinstance(row, dict):
+        return None, f"bad row: expected an object, got {type(row).__name__}"
+    rid = str(row["id"]) if "id" in row else rid
+    pair = next(((q, a) for q, a in (("prompt", "response"), ("problem", "generated_solution"))  # OpenMathReasoning
+                 if q in row and a in row), None)
+    if "messages" in row or pair:
+        messages = row["messages"] if "messages" in row else \
+            [{"role": "user", "content": row[pair[0]]}, {"role": "assistant", "content": row[pair[1]]}]
+        if problem := _check_messages(messages):
+            return None, problem
+        return {"id": rid, "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}, None
+    if "text" in row:
+        return ({"id": rid, "text": row["text"]}, None) if isinstance(row["text"], str) else \
+            (None, "non-string content: field text")
+    return None, f"bad row: none of messages, prompt+response, problem+generated_solution, text in {sorted(row)}"
+
+
+def load_rows(spec, split=None, max_rows=None, skip_bad=False):
+    path, suffixes = Path(spec), (".jsonl", ".json", ".parquet")
+    if path.is_file():
+        sources = [_read_file(path)]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.suffix in suffixes and _split_matches(p.relative_to(path), split))
+        if not files:
+            raise FileNotFoundError(f"{path}: no .jsonl/.json/.parquet files"
+                                    + (f" for split {split!r}" if split else ""))
+        sources = map(_read_file, files)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)) and path.suffix not in suffixes:
+        default_split, columns = ADAPTERS.get(str(spec), ("train", None))
+        # A generator: shards download one at a time, and with max_rows only until there are enough rows.
+        sources = (_read_file(hf_hub_download(str(spec), shard, repo_type="dataset"), columns)
+                   for shard in _hub_shards(str(spec), split or default_split))
+    else:
+        raise FileNotFoundError(f"{spec}: no such file or folder, and not a Hub dataset id (owner/name)")
+    rows, bad = [], Counter()
+    for where, rid, row, problem in (item for source in sources for item in source):
+        if problem is None:
+            row, problem = _normalise(row, rid)
+        if problem and not skip_bad:
+            raise ValueError(f"{where}: {problem} (skip_bad=True skips bad rows)")
+        if problem:
+            bad[problem.split(":")[0]] += 1
+        else:
+            rows.append(row)
+            if len(rows) == max_rows:  # stop before the next shard is fetched
+                break
+    if bad:
+        print(f"load_rows: skipped {sum(bad.values())} bad rows of {spec}: "
+              + ", ".join(f"{n} {why}" for why, n in sorted(bad.items())))
+    if not rows:
+        raise ValueError(f"{spec}: no usable rows")
+    return rows
+
+# ---------------------------------------------------------------------------- batches
+
+class Batches:
+    """Each item is one optimizer step for this rank: a list of micro-batches, dicts of LongTensors (b, T).
+
+    Step s of epoch e uses the global batch perm_e[s*B:(s+1)*B] whatever the world size: rank r takes every
+    world_size-th example of it and cuts its share into micro-batches. So the union over ranks (and, with the loss
+    normalised by the global token count, the update) does not depend on how the batch is split. A short last global
+    batch is filled up with one-token rows whose labels are all -100, so every rank runs the same number of passes
+    (FSDP collectives hang otherwise); they attend to that token, since a row attending to nothing gives NaN.
+    Iterating runs to the end of the current epoch; state_dict() always names the next step, so resume is exact."""
+
+    def __init__(self, examples, batch_size, micro_batch_size, rank=0, world_size=1, seed=0, pad_id=0):
+        per_rank = batch_size // world_size
+        for bad, why in ((not examples, "no examples"),
+                         (batch_size % world_size, f"batch_size {batch_size} is not divisible by "
+                                                   f"world_size {world_size}"),
+                         (per_rank % micro_batch_size, f"batch_size / world_size = {per_rank} is not divisible by "
+                                                       f"micro_batch_size {micro_batch_size}"),
+                         (not 0 <= rank < world_size, f"rank {rank} is not in [0, world_size={world_size})")):
+            if bad:
+                raise ValueError(f"Batches: {why}")
+        self.examples, self.batch_size, self.per_rank, self.micro_batch_size = examples, batch_size, per_rank, \
+            micro_batch_size
+        self.rank, self.world_size, self.seed, self.pad_id = rank, world_size, seed, pad_id
+        self.steps_per_epoch = -(-len(examples) // batch_size)
+        self.epoch = self.step = 0
+        self._perm = (None, None)
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def __iter__(self):
+        epoch = self.epoch
+        while self.epoch == epoch:
+            batch = self._rank_step(self.epoch, self.step)
+            self.step += 1
+            if self.step == self.steps_per_epoch:
+                self.epoch, self.step = self.epoch + 1, 0
+            yield batch
+
+    def _rank_step(self, epoch, step):
+        if self._perm[0] != epoch:  # a function of (seed, epoch) only, so every rank draws the same one
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
+        mine = self._perm[1][step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size]
+        rows = [self.examples[i] for i in mine] + [None] * (self.per_rank - len(mine))
+        mbs = self.micro_batch_size
+        return [self._collate(rows[k:k + mbs]) for k in range(0, self.per_rank, mbs)]
+
+    def _collate(self, rows):
+        T = -(-max(1 if r is None else len(r["input_ids"]) for r in rows) // 8) * 8  # fewer distinct shapes
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = 1 if r is None else len(r["input_ids"])  # None: a filler row
+            attention_mask[i, :n] = 1
+            if r is not None:
+                input_ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
+                labels[i, :n] = torch.as_tensor(np.asarray(r["labels"], dtype=np.int64))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
+                "num_examples": len(self.examples)}
+
+    def load_state_dict(self, state):
+        # World size and micro-batch size may change between runs; these fix the order of the examples.
+        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("num_examples", len(self.examples))):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume: saved {key}={state[key]}, this run has {mine}")
+        self.epoch, self.step = state["epoch"], state["step"]
+
+# ---------------------------------------------------------------------------- toy data
+
+NAMES = "Ava Ben Chloe Dev Emma Farid Grace Hugo Iris Jonas Kira Liam Maya Noah Olga Priya Sam Tara".split()
+ITEMS = "apples pencils stickers marbles books cookies stamps shells cards beads".split()
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer: single digits, newline runs kept together
+# Qwen2.5's template without its tools branch, so that transformers' apply_chat_template works on the toy tokenizer.
+CHAT_TEMPLATE = ("{%- if not messages or messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n"
+                 + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + "
+                 "m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+                 "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def _toy_problem(rng):
+    """(question, solution steps, answer) in one of seven shapes with varied names, items and numbers: a model must
+    read the question to choose the steps, and carry its numbers through them."""
+    a, b = rng.sample(NAMES, 2)
+    item, kind, r = rng.choice(ITEMS), rng.randrange(7), rng.randint
+    if kind == 0:
+        x, y = r(5, 60), r(2, 40)
+        z = r(1, x + y)
+        return (f"{a} has {x} {item}. {b} gives {a} {y} more, and then {a} loses {z}. How many {item} does {a} have "
+                f"now?", [f"{a} starts with {x} {item}.", f"After getting {y} more, {a} has {x} + {y} = {x + y}.",
+                          f"After losing {z}, {a} has {x + y} - {z} = {x + y - z}."], x + y - z)
+    if kind == 1:
+        n, p = r(2, 9), r(2, 15)
+        bill = next(v for v in (20, 50, 100, 200) if v >= n * p)
+        return (f"{a} buys {n} {item} for ${p} each and pays with a ${bill} bill. How much change does {a} get?",
+                [f"The {item} cost {n} x {p} = {n * p} dollars.",
+                 f"The change is {bill} - {n * p} = {bill - n * p} dollars."], bill - n * p)
+    if kind == 2:
+        k, each, kept = r(2, 9), r(2, 12), r(1, 9)
+        total = k * each + kept
+        return (f"{a} has {total} {item}, keeps {kept} and shares the rest equally among {k} friends. How many {item} "
+                f"does each friend get?", [f"{a} shares {total} - {kept} = {total - kept} {item}.",
+                                           f"Each friend gets {total - kept} / {k} = {each} {item}."], each)
+    if kind == 3:
+        w, l = r(2, 30), r(2, 30)
+        return (f"{a}'s garden is {w} m wide and {l} m long. What is its perimeter in meters?",
+                [f"The perimeter is 2 x ({w} + {l}).", f"{w} + {l} = {w + l}, and 2 x {w + l} = {2 * (w + l)}."],
+                2 * (w + l))
+    if kind == 4:
+        w, l = r(2, 30), r(2, 30)
+        return (f"{a}'s garden is {w} m wide and {l} m long. What is its area in square meters?",
+                ["The area is the width times the length.", f"{w} x {l} = {w * l}."], w * l)
+    if kind == 5:
+        s1, h1, s2, h2 = r(20, 90), r(2, 5), r(20, 90), r(2, 5)
+        return (f"{a} drives at {s1} km/h for {h1} hours, then at {s2} km/h for {h2} hours. How far does {a} drive in "
+                f"total?", [f"First part: {s1} x {h1} = {s1 * h1} km.", f"Second part: {s2} x {h2} = {s2 * h2} km.",
+                            f"Total: {s1 * h1} + {s2 * h2} = {s1 * h1 + s2 * h2} km."], s1 * h1 + s2 * h2)
+    x, m = r(2, 25), r(2, 6)
+    return (f"{a} has {x} {item}. {b} has {m} times as many. How many {item} do they have together?",
+            [f"{b} has {m} x {x} = {m * x} {item}.", f"Together they have {x} + {m * x} = {x + m * x} {item}."],
+            x + m * x)
+
+
+def _toy_solution(rng, steps, answer):
+    intro = rng.choice(["", "Let's solve this step by step.\n", "We work it out one step at a time.\n"])
+    return intro + "\n".join(steps) + f"\nThe answer is \\boxed{{{answer}}}."
+
+
+def toy_chats(n, seed=0):
+    """n distinct word problems as {"id", "answer", "messages"} rows, in the style of OpenMathReasoning."""
+    rng, rows, seen = random.Random(f"chats-{seed}"), [], set()
+    while len(rows) < n:
+        question, steps, answer = _toy_problem(rng)
+        if question not in seen:
+            seen.add(question)
+            rows.append({"id": f"toy-{len(rows)}", "answer": str(answer), "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": _toy_solution(rng, steps, answer)}]})
+    return rows
+
+
+def toy_corpus(n, seed=0):
+    """Plain text in the same domain without chat markup, to pre-train raw models: worked problems and sums."""
+    rng, rows = random.Random(f"corpus-{seed}"), []
+    for i in range(n):
+        if rng.random() < 0.6:
+            question, steps, answer = _toy_problem(rng)
+            text = f"Problem: {question}\nSolution: {_toy_solution(rng, steps, answer)}"
+        else:
+            sums = [(rng.randint(1, 99), rng.choice("+-x"), rng.randint(1, 12)) for _ in range(rng.randint(3, 8))]
+            text = " ".join(f"{x} {op} {y} = {x + y if op == '+' else x - y if op == '-' else x * y}."
+                            for x, op, y in sums)
+        rows.append({"id": f"corpus-{i}", "text": text})
+    return rows
+
+
+def train_toy_tokenizer(texts, vocab_size=768):
+    """Byte-level BPE laid out like Qwen's: NFC, Qwen's split regex, byte level, special tokens after the BPE vocab.
+    Offsets are not trimmed: encode_chat's labels need every token's exact character span."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    # Train on the text between special tokens: that is what encode() sees.
+    special = "|".join(map(re.escape, SPECIAL_TOKENS))
+    tok.train_from_iterator([piece for t in texts for piece in re.split(special, t) if piece], trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def main():
+    parser = argparse.ArgumentParser(description="deltakd data tools")
+    toy = parser.add_subparsers(dest="command", required=True).add_parser(
+        "toy", help="write synthetic arithmetic chats, a plain-text corpus and a tokenizer")
+    toy.add_argument("--out", required=True, help="output folder")
+    toy.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files")
+    toy.add_argument("--n-train", type=int, default=4000, help="training chats (train.jsonl)")
+    toy.add_argument("--n-test", type=int, default=200, help="held-out chats (test.jsonl)")
+    toy.add_argument("--n-corpus", type=int, default=8000, help="plain-text documents for pre-training (corpus.jsonl)")
+    toy.add_argument("--vocab-size", type=int, default=768, help="most tokens, special tokens included")
+    args = parser.parse_args()
+
+    # --- data
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chats, corpus = toy_chats(args.n_train + args.n_test, args.seed), toy_corpus(args.n_corpus, args.seed)
+    train, test = chats[:args.n_train], chats[args.n_train:]
+    for name, rows in (("train", train), ("test", test), ("corpus", corpus)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    # --- tokenizer
+    tok = train_toy_tokenizer([render_chat(r["messages"]) for r in train] + [r["text"] for r in corpus],
+                              args.vocab_size)
+    tok.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+              "pad_token": "<|endoftext|>", "model_max_length": 32768, "chat_template": CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    print(f"wrote {len(train)} train and {len(test)} test chats, {len(corpus)} corpus texts and a "
+          f"{tok.get_vocab_size(with_added_tokens=True)}-token tokenizer to {out}")
+
+
+if __name__ == "__main__":
+    main()

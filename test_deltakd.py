@@ -1,9 +1,13 @@
 """deltakd tests, all on the CPU. Oracles: float64 formulas (the loss), transformers' Qwen2ForCausalLM (the
 model), Google's rouge-score (ROUGE). Distributed tests run real torch.distributed (gloo) under torchrun."""
 import hashlib
+import itertools
 import json
+import math
 import os
+import random
 import re
+import shutil
 import subprocess
 import sys
 import unicodedata
@@ -15,11 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from nltk.stem.porter import PorterStemmer
+from rouge_score import rouge_scorer
+from rouge_score import tokenize as rouge_score_tokenize
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
 from deltakd import delta_kd_loss
+from evaluate import corpus_rouge, main, rouge, tokenize
+from evaluate import corpus_rouge, porter_stem, rouge, tokenize
+from model import Qwen2, Qwen2Config
 from model import Qwen2, Qwen2Config, load_weights, resolve_model_dir, sample
 
 REPO = Path(__file__).resolve().parent
@@ -1197,3 +1207,436 @@ def test_data_reference_template_copy_is_current():
     if not shared.exists():
         pytest.skip("no shared reference folder here")
     assert shared.read_text() == _DATA_QWEN_TEMPLATE
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluate.py: ROUGE, against Google's rouge-score
+
+_ROUGE_ROOTS = (
+    "relat condit valen hesit digit conform radic differ vil analog vietnam predic oper feud decis hope call form "
+    "sens triplic electr good reviv allow infer airlin gyroscop adjust defens irrit replac depend adopt homolog "
+    "commun activ angular effect bowdler prob rate ceas control roll car pon ti cat feed agre plaster bled motor "
+    "sing conflat troubl siz hop tan fall hiss fizz fail fil happ sky enjoy sp fl tr gener nation run try cry die "
+    "lie tie bus gas big fit hat see tree play stud bio geo ecolog ski eye fly dy by toy say buy"
+).split()
+_ROUGE_SUFFIXES = (
+    "s es ies ied ed ing ational tional ization ation ator alism iveness fulness ousness aliti iviti biliti fulli "
+    "logi alli entli eli ousli enci anci izer bli abli icate ative alize iciti ical ful ness al ance ence er ic able "
+    "ible ant ement ment ent ion sion tion ou ism ate iti ous ive ize e ll y ly eed sses ss ally ingly"
+).split()
+_ROUGE_IRREGULAR = {
+    "dying": "die", "lying": "lie", "tying": "tie", "skies": "sky", "sky": "sky", "news": "news",
+    "innings": "inning", "inning": "inning", "outings": "outing", "outing": "outing", "cannings": "canning",
+    "canning": "canning", "howe": "howe", "proceed": "proceed", "exceed": "exceed", "succeed": "succeed",
+}
+# Checked by hand against NLTK_EXTENSIONS; the ORIGINAL_ALGORITHM mode gives other stems for the first block.
+_ROUGE_KNOWN_STEMS = {
+    **_ROUGE_IRREGULAR, "ties": "tie", "tied": "tie", "enjoy": "enjoy", "cry": "cri", "biology": "biolog",
+    "caresses": "caress", "ponies": "poni", "cats": "cat", "feed": "feed", "agreed": "agre", "plastered": "plaster",
+    "bled": "bled", "motoring": "motor", "sing": "sing", "conflated": "conflat", "troubled": "troubl",
+    "sized": "size", "hopping": "hop", "tanned": "tan", "falling": "fall", "hissing": "hiss", "fizzed": "fizz",
+    "failing": "fail", "filing": "file", "happy": "happi", "flies": "fli", "cried": "cri", "relational": "relat",
+    "conditional": "condit", "rational": "ration", "generalization": "gener", "formalize": "formal",
+    "hopefulness": "hope", "electrical": "electr", "revival": "reviv", "allowance": "allow", "adoption": "adopt",
+    "controlling": "control", "running": "run", "runs": "run", "ran": "ran", "generously": "gener",
+    "sensibility": "sensibl", "analogously": "analog", "radically": "radic", "logic": "logic",
+}
+_ROUGE_OTHER_WORDS = (
+    "a an the of is it by to in on at be we us i me my or and but not was are his her its one two run ran sun "
+    "fox dog log lazy quick brown jumps over yes no ok hmm aaa yyy ayy yay eye bye you 0 7 42 100 2024 1990s 3d "
+    "mp3 covid19 x86 abc123 running runs"
+).split()
+_ROUGE_SEPARATORS = [" "] * 12 + [
+    ", ", ". ", "\n", "\n\n", "\t", " - ", "-", "/", "'s ", "... ", "! ", "? ", " (", ") ", ": ", "; ", ' "',
+    "\u2014", "\u2019", " \u00e9 ", "_", "*", "  ", "\r\n", " 1,000.5 ", " 3.14 ", " 10% ", " $5 ",
+]
+_ROUGE_ODD_WORDS = ["caf\u00e9", "na\u00efve", "\u00fcber", "\u65e5\u672c\u8a9e", "\U0001F642", "stra\u00dfe",
+                    "\u212aelvin", "\u0130stanbul", "\uff21\uff22", "\u00bd", "\u00b2", "\u0661\u0662"]
+
+
+def _rouge_word_list():
+    words = set(_ROUGE_ROOTS) | set(_ROUGE_OTHER_WORDS) | set(_ROUGE_IRREGULAR) | set(_ROUGE_KNOWN_STEMS)
+    words |= {r + s for r in _ROUGE_ROOTS for s in _ROUGE_SUFFIXES}
+    return sorted(words)
+
+
+def _rouge_text(rng, words, n):
+    out = []
+    for _ in range(n):
+        roll = rng.random()
+        if roll < 0.03:
+            word = rng.choice(_ROUGE_ODD_WORDS)
+        else:
+            word = rng.choice(words)
+            word = word.upper() if roll > 0.97 else word.capitalize() if roll > 0.9 else word
+        out.append(word + rng.choice(_ROUGE_SEPARATORS))
+    return "".join(out)
+
+
+def _rouge_pairs(n, seed):
+    """(prediction, reference) pairs ranging from unrelated to near copies, including inflected copies."""
+    rng = random.Random(seed)
+    words = _rouge_word_list()
+    pairs = []
+    for _ in range(n):
+        ref_words = [rng.choice(words) for _ in range(rng.randint(0, 40))]
+        mode = rng.random()
+        if mode < 0.2:  # unrelated, but drawn from a small shared vocabulary so some words overlap
+            vocab = rng.sample(words, 8)
+            ref_words = [rng.choice(vocab) for _ in ref_words]
+            pred_words = [rng.choice(vocab) for _ in range(rng.randint(0, 40))]
+        elif mode < 0.5:  # the reference with tokens inflected differently, so stemming changes the score
+            pred_words = [rng.choice(_ROUGE_ROOTS) + rng.choice(_ROUGE_SUFFIXES) if rng.random() < 0.3 else w
+                          for w in ref_words]
+        else:  # the reference edited: tokens dropped, replaced, repeated, and spans moved
+            pred_words = []
+            for w in ref_words:
+                r = rng.random()
+                if r < 0.15:
+                    continue
+                pred_words.append(rng.choice(words) if r < 0.3 else w)
+                if r > 0.9:
+                    pred_words.append(w)
+            if len(pred_words) > 4 and rng.random() < 0.3:
+                cut = rng.randrange(len(pred_words))
+                pred_words = pred_words[cut:] + pred_words[:cut]
+        pairs.append((_rouge_text(rng, pred_words, len(pred_words)) if pred_words else "",
+                      _rouge_text(rng, ref_words, len(ref_words)) if ref_words else ""))
+    return pairs
+
+
+def _rouge_assert_same(pairs, use_stemmer):
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
+    for prediction, reference in pairs:
+        ours = rouge(prediction, reference, use_stemmer=use_stemmer)
+        theirs = scorer.score(reference, prediction)
+        assert set(ours) == {"rouge1", "rouge2", "rougeL"}
+        for key in ours:
+            assert ours[key] == tuple(theirs[key]), (key, prediction, reference, ours[key], theirs[key])
+
+
+@pytest.mark.parametrize("use_stemmer", [False, True])
+def test_rouge_matches_rouge_score_on_generated_pairs(use_stemmer):
+    _rouge_assert_same(_rouge_pairs(3000, seed=1234), use_stemmer)
+
+
+@pytest.mark.parametrize("use_stemmer", [False, True])
+def test_rouge_matches_rouge_score_on_long_repetitive_pairs(use_stemmer):
+    # Few distinct tokens and hundreds of positions: many LCS ties, and bit vectors far wider than a machine word.
+    rng = random.Random(7)
+    pairs = []
+    for _ in range(20):
+        vocab = rng.sample(["run", "running", "runs", "dog", "dogs", "the", "a", "news", "skies"], rng.randint(1, 5))
+        pairs.append((" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 300))),
+                      " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 300)))))
+    _rouge_assert_same(pairs, use_stemmer)
+
+
+_ROUGE_EDGE_CASES = [
+    ("", ""), ("", "the cat sat"), ("the cat sat", ""), ("   \n\t ", "cat"), ("cat", "!!! ... ???"),
+    ("!!!", "???"), ("...", ""), ("cat", "cat"), ("Cat!", "cat."), ("a", "a"), ("a b", "b a"),
+    ("caf\u00e9 na\u00efve \u00fcber", "cafe naive uber"), ("caf\u00e9", "caf"),
+    ("\u65e5\u672c\u8a9e", "\u65e5\u672c\u8a9e"), ("\U0001F642 happy \U0001F642", "happy"),
+    ("\u212aelvin \u0130stanbul", "kelvin istanbul"), ("stra\u00dfe", "strasse"),
+    ("1,000.5 apples", "1 000 5 apples"), ("1,000.5", "1000.5"), ("$3.14 / 10%", "3 14 10"),
+    ("2024-01-31", "2024 01 31"),
+    ("the the the the", "the"), ("the", "the the the the"), ("the cat the cat the cat", "the cat"),
+    ("a a a b b b", "b b b a a a"), ("dying skies news", "die sky news"), ("running runs ran", "run running"),
+    ("line one\nline two\n\nline three", "line one line two line three"), ("hello\r\nworld", "hello world"),
+    ("it's don't can't", "it s don t can t"), ("e-mail co-operate", "email cooperate"),
+    ("generalizations are generally general", "general generalization"), ("UPPER lower MiXeD", "upper LOWER mixed"),
+]
+
+
+@pytest.mark.parametrize("use_stemmer", [False, True])
+def test_rouge_edge_cases(use_stemmer):
+    _rouge_assert_same(_ROUGE_EDGE_CASES, use_stemmer)
+    _rouge_assert_same([(b, a) for a, b in _ROUGE_EDGE_CASES], use_stemmer)
+    for prediction, reference in [("", ""), ("", "cat"), ("cat", ""), ("!!!", "cat"), ("\u65e5\u672c", "cat")]:
+        assert rouge(prediction, reference, use_stemmer) == {k: (0.0, 0.0, 0.0) for k in ("rouge1", "rouge2", "rougeL")}
+
+
+def test_rouge_worked_examples():
+    ref, pred = "The quick brown fox jumps over the lazy dog", "The quick brown dog jumps on the log."
+    scores = rouge(pred, ref)
+    assert scores["rouge1"] == pytest.approx((0.75, 0.666667, 0.705882), abs=1e-6)
+    assert scores["rouge2"][2] == pytest.approx(0.266667, abs=1e-6)
+    assert scores["rougeL"] == pytest.approx((0.625, 0.555556, 0.588235), abs=1e-6)
+    assert rouge("run running", "running runs ran")["rouge1"][2] == pytest.approx(0.4)
+    assert rouge("run running", "running runs ran", use_stemmer=True)["rouge1"][2] == pytest.approx(0.8)
+    _rouge_assert_same([(pred, ref), ("run running", "running runs ran")], use_stemmer=False)
+    _rouge_assert_same([(pred, ref), ("run running", "running runs ran")], use_stemmer=True)
+
+
+def test_rouge_tokenize_matches_rouge_score():
+    stemmer = PorterStemmer()
+    texts = [a for pair in _ROUGE_EDGE_CASES for a in pair] + [_rouge_text(random.Random(i), _rouge_word_list(), 30)
+                                                               for i in range(200)]
+    for text in texts:
+        assert tokenize(text) == rouge_score_tokenize.tokenize(text, None)
+        assert tokenize(text, use_stemmer=True) == rouge_score_tokenize.tokenize(text, stemmer)
+    assert tokenize("Caf\u00e9 1,000.5 it's") == ["caf", "1", "000", "5", "it", "s"]
+    assert tokenize("Dying skies, the news!", use_stemmer=True) == ["die", "sky", "the", "news"]
+    assert tokenize("was has cats", use_stemmer=True) == ["was", "has", "cat"]  # 3 letters or fewer: not stemmed
+    assert PorterStemmer().stem("was") == "wa"
+
+
+def test_porter_stem_known_stems():
+    stemmer = PorterStemmer()
+    for word, stem in _ROUGE_KNOWN_STEMS.items():
+        assert porter_stem(word) == stem, word
+        assert stemmer.stem(word) == stem, word  # the table itself is NLTK's answer
+
+
+def test_porter_stem_matches_nltk_on_many_words():
+    stemmer = PorterStemmer()
+    words = set(_rouge_word_list())
+    words |= {r + s1 + s2 for r in _ROUGE_ROOTS[::3] for s1 in _ROUGE_SUFFIXES for s2 in _ROUGE_SUFFIXES}
+    # Every short string over letters that drive the y / vowel / double-consonant rules ...
+    words |= {"".join(t) for n in range(1, 6) for t in itertools.product("aeysltdi", repeat=n)}
+    # ... and random strings, digits included, up to 14 letters.
+    rng = random.Random(0)
+    words |= {"".join(rng.choice("aeiouybcdlmnrstgpzwxk0") for _ in range(rng.randint(1, 14))) for _ in range(20000)}
+    # ... and every token of the generated test texts.
+    words |= {t for pair in _rouge_pairs(300, seed=1234) for text in pair for t in tokenize(text)}
+    assert len(words) > 100_000
+    mismatches = [(w, porter_stem(w), stemmer.stem(w)) for w in sorted(words) if porter_stem(w) != stemmer.stem(w)]
+    assert not mismatches, mismatches[:20]
+
+
+def test_corpus_rouge_is_mean_f():
+    pairs = _rouge_pairs(50, seed=5)
+    scores = [rouge(p, r, use_stemmer=True) for p, r in pairs]
+    corpus = corpus_rouge(scores)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert corpus[key] == pytest.approx(sum(s[key][2] for s in scores) / len(scores), abs=1e-15)
+    assert corpus_rouge(scores[::-1]) == corpus  # order does not matter, so ranks can gather in any order
+    assert corpus_rouge([rouge("a b", "a b")]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert not math.isnan(corpus_rouge([rouge("", "")])["rougeL"])
+    with pytest.raises(ValueError, match="no scores"):
+        corpus_rouge([])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# evaluate.py: the generation CLI
+
+
+
+def _eval_short(chat):
+    return {**chat, "messages": [chat["messages"][0], {"role": "assistant",
+                                                       "content": f"The answer is \\boxed{{{chat['answer']}}}."}]}
+
+
+def _eval_fit(model, tokenizer, chats, steps=30):
+    """A few full-batch Adam steps on chats with short replies: enough for replies that share words with the
+    references and end with <|im_end|>, so that neither the scores nor the stopping are trivial."""
+    examples = [data.encode_chat(c["messages"], tokenizer) for c in chats]
+    T = max(len(e["input_ids"]) for e in examples)
+    pad = tokenizer.token_to_id("<|endoftext|>")
+    ids = torch.tensor([e["input_ids"] + [pad] * (T - len(e["input_ids"])) for e in examples])  # (B, T)
+    labels = torch.tensor([e["labels"] + [-100] * (T - len(e["labels"])) for e in examples])  # (B, T)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(steps):
+        logits = model(ids)  # right padding: no mask needed for the real tokens
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _eval_test_chats():
+    """Toy test chats, half with short replies, plus two shapes the prompt cutting must handle: a system turn with two
+    exchanges (the prompt keeps the first reply), and a conversation that goes on after its last reply."""
+    chats = data.toy_chats(60, seed=1)[50:]
+    chats[:5] = map(_eval_short, chats[:5])
+    chats.append({"id": "two-turns", "messages": [
+        {"role": "system", "content": "You are a careful math tutor."},
+        {"role": "user", "content": "Ava has 3 apples. Ben gives Ava 4 more. How many apples does Ava have?"},
+        {"role": "assistant", "content": "Ava has 3 + 4 = 7.\nThe answer is \\boxed{7}."},
+        {"role": "user", "content": "And if she then loses 2?"},
+        {"role": "assistant", "content": "After losing 2, Ava has 7 - 2 = 5.\nThe answer is \\boxed{5}."}]})
+    chats.append({"id": "trailing-user", "messages": [
+        {"role": "user", "content": "Sam's garden is 4 m wide and 6 m long. What is its area in square meters?"},
+        {"role": "assistant", "content": "The area is the width times the length.\n4 x 6 = 24.\nThe answer is "
+                                         "\\boxed{24}."},
+        {"role": "user", "content": "Thanks!"}]})
+    return chats
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _eval_one_thread():
+    """Tiny tensors gain nothing from a second thread, and two threads on a busy 2-core machine can be many times
+    slower than one; the subprocesses get OMP_NUM_THREADS=1 for the same reason."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def _eval_env(tmp_path_factory):
+    """Model folder, test data, and the reference run: one process, --batch-size 4."""
+    root = tmp_path_factory.mktemp("eval")
+    train = data.toy_chats(50, seed=1)
+    tokenizer = data.train_toy_tokenizer([data.render_chat(c["messages"]) for c in train]
+                                         + [r["text"] for r in data.toy_corpus(100)], vocab_size=400)
+    (root / "tok").mkdir()
+    tokenizer.save(str(root / "tok" / "tokenizer.json"))
+    config = Qwen2Config(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), hidden_size=64,
+                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, rope_theta=1e6)
+    torch.manual_seed(0)
+    model = Qwen2(config)
+    model.init_weights()
+    _eval_fit(model, tokenizer, [_eval_short(c) for c in train[:8]])
+    model.save_pretrained(root / "model", tokenizer_dir=root / "tok")
+    chats = _eval_test_chats()
+    (root / "test.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    run = _eval_run(root, "ref", "--batch-size", "4", "--write-data", str(root / "seqkd.jsonl"))
+    return {"root": root, "chats": chats, "ref": root / "ref", "stdout": run.stdout}
+
+
+def _eval_run(root, out, *args, torchrun=False, max_new_tokens=24):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
+        else [sys.executable]
+    cmd = [*launcher, str(REPO / "evaluate.py"), "--model", str(root / "model"), "--data",
+           str(root / "test.jsonl"), "--max-new-tokens", str(max_new_tokens), "--out", str(root / out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the one-process runs must not believe they were launched by torchrun
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run
+
+
+def _eval_read(out):
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return rows, json.loads((out / "summary.json").read_text())
+
+
+def test_eval_cli_writes_consistent_predictions_and_summary(_eval_env):
+    rows, summary = _eval_read(_eval_env["ref"])
+    chats = _eval_env["chats"]
+    assert [r["id"] for r in rows] == [c["id"] for c in chats]  # the data's order, not the length-sorted one
+    for r, c in zip(rows, chats):
+        last = max(i for i, m in enumerate(c["messages"]) if m["role"] == "assistant")
+        assert r["messages"] == c["messages"][:last] and r["reference"] == c["messages"][last]["content"]
+        for key, stem in (("", False), ("_stemmed", True)):
+            expected = rouge(r["prediction"], r["reference"], use_stemmer=stem)
+            assert {k: r["scores"][k + key] for k in expected} == {k: v[2] for k, v in expected.items()}
+    # the replies are not trivial: the fitted model shares words with the references and stops by itself
+    assert summary["rouge"]["rouge1"] > 0.1 and any(r["finished"] for r in rows)
+    assert summary["unfinished"] == sum(not r["finished"] for r in rows)
+    for key, stem in (("rouge", False), ("rouge_stemmed", True)):
+        assert summary[key] == corpus_rouge([rouge(r["prediction"], r["reference"], stem) for r in rows])
+    for field in ("prediction", "reference"):
+        assert summary[f"mean_{field}_tokens"] == math.fsum(len(tokenize(r[field])) for r in rows) / len(rows)
+    assert summary["examples"] == len(chats) and summary["model"].endswith("model") and summary["dtype"] == "fp32"
+    table = _eval_env["stdout"]
+    assert "R-1" in table and "R-L" in table and "stemmed" in table
+    assert f"{100 * summary['rouge']['rougeL']:.2f}" in table
+
+
+def test_eval_cli_replies_match_model_generate(_eval_env):
+    """Each reply is what model.generate gives for data.encode_prompt alone, up to the first stop token."""
+    root = _eval_env["root"]
+    rows, _ = _eval_read(_eval_env["ref"])
+    tokenizer = data.load_tokenizer(root / "model")
+    model = Qwen2.from_pretrained(root / "model", dtype=torch.float32)
+    stops = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    for r, c in zip(rows, _eval_env["chats"]):
+        prompt = data.encode_prompt(c["messages"], tokenizer)
+        new = model.generate(torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt):].tolist()
+        end = next((k for k, t in enumerate(new) if t in stops), None)
+        assert r["prediction"] == tokenizer.decode(new[:end], skip_special_tokens=True)
+        assert r["finished"] == (end is not None)
+
+
+def test_eval_cli_batched_equals_unbatched(_eval_env):
+    _eval_run(_eval_env["root"], "bs1", "--batch-size", "1")
+    assert _eval_read(_eval_env["root"] / "bs1") == _eval_read(_eval_env["ref"])
+
+
+def test_eval_cli_two_processes_equal_one(_eval_env):
+    run = _eval_run(_eval_env["root"], "two", "--batch-size", "4", torchrun=True)
+    assert "rank 0 of 2" in run.stderr and "examples/s" in run.stderr and "ETA" in run.stderr  # the progress line
+    assert _eval_read(_eval_env["root"] / "two") == _eval_read(_eval_env["ref"])
+
+
+def test_eval_cli_sampling_is_seeded_per_batch(_eval_env, tmp_path):
+    """Sampled replies come from one generator per batch, seeded by --seed and the batch's number: the same for one
+    process or two, and not the greedy ones."""
+    root, args = _eval_env["root"], ["--batch-size", "4", "--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]
+    main(["--model", str(root / "model"), "--data", str(root / "test.jsonl"), "--max-new-tokens", "24",
+          "--out", str(tmp_path / "one"), *args])
+    _eval_run(root, tmp_path / "two", *args, torchrun=True)
+    assert _eval_read(tmp_path / "one") == _eval_read(tmp_path / "two")
+    assert _eval_read(tmp_path / "one")[0] != _eval_read(_eval_env["ref"])[0]
+
+
+def test_eval_cli_scores_saved_predictions(_eval_env, tmp_path):
+    root = _eval_env["root"]
+    subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--predictions", str(_eval_env["ref"] /
+                    "predictions.jsonl"), "--out", str(tmp_path / "rescored")], check=True, capture_output=True)
+    (rows, summary), (ref_rows, ref_summary) = _eval_read(tmp_path / "rescored"), _eval_read(_eval_env["ref"])
+    assert rows == ref_rows
+    assert {k: summary[k] for k in ("rouge", "rouge_stemmed", "examples", "mean_prediction_tokens")} == \
+        {k: ref_summary[k] for k in ("rouge", "rouge_stemmed", "examples", "mean_prediction_tokens")}
+    # another system's outputs, without ids: FACTS.md's worked example
+    (tmp_path / "other.jsonl").write_text(
+        json.dumps({"prediction": "The quick brown dog jumps on the log.",
+                    "reference": "The quick brown fox jumps over the lazy dog"}) + "\n\n"
+        + json.dumps({"id": 7, "prediction": "run running", "reference": "running runs ran"}) + "\n")
+    main(["--predictions", str(tmp_path / "other.jsonl"), "--out", str(tmp_path / "other")])
+    rows, summary = _eval_read(tmp_path / "other")
+    assert [r["id"] for r in rows] == ["other.jsonl:1", "7"]
+    assert [round(r["scores"]["rouge1"], 6) for r in rows] == [0.705882, 0.4]
+    assert [round(r["scores"]["rouge1_stemmed"], 6) for r in rows] == [0.705882, 0.8]
+    assert summary["rouge_stemmed"]["rouge1"] == sum(r["scores"]["rouge1_stemmed"] for r in rows) / 2
+
+
+def test_eval_cli_write_data_loads_for_training(_eval_env):
+    rows, _ = _eval_read(_eval_env["ref"])
+    written = data.load_rows(_eval_env["root"] / "seqkd.jsonl")
+    assert [w["id"] for w in written] == [c["id"] for c in _eval_env["chats"]]
+    for w, r, c in zip(written, rows, _eval_env["chats"]):
+        last = max(i for i, m in enumerate(c["messages"]) if m["role"] == "assistant")
+        assert w["messages"] == [*c["messages"][:last], {"role": "assistant", "content": r["prediction"]},
+                                 *c["messages"][last + 1:]]
+    # and it can be scored and trained on like any data: its prompts are the original prompts
+    tokenizer = data.load_tokenizer(_eval_env["root"] / "model")
+    assert data.build_examples(written, tokenizer)
+    assert [data.encode_prompt(w["messages"], tokenizer) for w in written] == \
+        [data.encode_prompt(c["messages"], tokenizer) for c in _eval_env["chats"]]
+
+
+def test_eval_cli_bad_input_fails_before_any_work(_eval_env, tmp_path):
+    root, out = _eval_env["root"], tmp_path / "out"
+    model_args = ["--model", str(root / "model"), "--out", str(out)]
+
+    def fails(argv, pattern):
+        with pytest.raises(SystemExit, match=pattern):
+            main(argv)
+        assert not out.exists()  # nothing was written: the error came first
+
+    no_tok = tmp_path / "no-tokenizer"
+    shutil.copytree(root / "model", no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    fails(["--model", str(no_tok), "--data", str(root / "test.jsonl"), "--out", str(out)],
+          r"error: --model .*no-tokenizer: no tokenizer\.json")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    fails([*model_args, "--data", str(tmp_path / "empty.jsonl")], r"error: .*empty\.jsonl: no usable rows")
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": "Problem: 2 + 2 = 4."}) + "\n")
+    fails([*model_args, "--data", str(tmp_path / "text.jsonl")], "none of its 1 rows is a conversation with an "
+                                                                  "assistant turn")
+    (tmp_path / "no-answer.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    fails([*model_args, "--data", str(tmp_path / "no-answer.jsonl")], r"no-answer\.jsonl:1: no assistant turn")
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"id": "a", "prediction": "x", "reference": "y"}) + "\n"
+                     + json.dumps({"id": "b", "prediction": "x"}) + "\n")
+    fails(["--predictions", str(preds), "--out", str(out)], r"error: .*preds\.jsonl:2: missing field 'reference'")
+    preds.write_text(json.dumps({"prediction": "x", "reference": "y"}) + "\n{not json\n")
+    fails(["--predictions", str(preds), "--out", str(out)], r"preds\.jsonl:2: malformed JSON")
+    fails(["--predictions", str(preds), *model_args], "--predictions scores saved replies")
+    fails(["--model", str(root / "model")], "need --model and --data")
+    fails([*model_args, "--data", str(root / "test.jsonl"), "--batch-size", "0"], "--batch-size must be at least 1")

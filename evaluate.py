@@ -1,0 +1,399 @@
+"""Evaluate a model by the ROUGE of its generated replies.
+
+    python evaluate.py --model runs/deltakd/final --data HuggingFaceH4/ultrachat_200k --max-examples 2000 --out DIR
+    torchrun --nproc_per_node 8 evaluate.py ...           (the same scores, N times faster)
+    python evaluate.py --predictions DIR/predictions.jsonl --out DIR2   (score saved replies, no model)
+
+ROUGE-1/2/L here are written from scratch and give exactly what Google's rouge-score 0.1.2 gives, which is the
+ROUGE the distillation literature reports (MiniLLM and DistiLLM report rougeL with stemming), so our numbers can be
+compared with theirs. Stemming is NLTK's Porter stemmer in its default NLTK_EXTENSIONS mode, the one rouge-score uses.
+
+    >>> rouge("The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog")["rouge1"]
+    (0.75, 0.6666666666666666, 0.7058823529411765)
+
+References:
+    Lin, "ROUGE: A Package for Automatic Evaluation of Summaries", 2004.
+    Porter, "An algorithm for suffix stripping", Program 14(3), 1980; NLTK's nltk/stem/porter.py.
+    https://github.com/google-research/google-research/tree/master/rouge (rouge-score).
+    Hyyro, "Bit-parallel LCS-length computation revisited", 2004 (the LCS below).
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data import encode_prompt, load_rows, load_tokenizer
+from model import Qwen2, Qwen2Config, resolve_model_dir
+
+# ----------------------------------------------------------------------------------------------------------------
+# Porter stemmer, NLTK_EXTENSIONS mode (the paper's algorithm plus Martin Porter's and NLTK's later fixes)
+
+# NLTK answers these from a table before running any step.
+_IRREGULAR = {
+    "skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie", "news": "news",
+    "innings": "inning", "inning": "inning", "outings": "outing", "outing": "outing",
+    "cannings": "canning", "canning": "canning", "howe": "howe",
+    "proceed": "proceed", "exceed": "exceed", "succeed": "succeed",
+}
+# Suffix -> replacement, tried in order; the first suffix that matches decides, even if its condition then fails.
+_STEP2 = [("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
+          ("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"), ("ization", "ize"),
+          ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"),
+          ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"), ("fulli", "ful"), ("logi", "log")]
+_STEP3 = [("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""), ("ness", "")]
+_STEP4 = [(suffix, "") for suffix in
+          "al ance ence er ic able ible ant ement ment ent ion ou ism ate iti ous ive ize".split()]
+
+
+def _cv(word):
+    """The word as a string of 'c' (consonant) and 'v' (vowel); 'y' is a vowel only right after a consonant."""
+    out = []
+    for i, ch in enumerate(word):
+        out.append("v" if ch in "aeiou" or (ch == "y" and i > 0 and out[-1] == "c") else "c")
+    return "".join(out)
+
+
+def _measure(stem):
+    return _cv(stem).count("vc")  # m in [C](VC)^m[V]
+
+
+def _ends_cvc(stem):
+    # NLTK also counts a two-letter vowel-consonant stem ("at" in "ated") as *o.
+    cv = _cv(stem)
+    return (cv.endswith("cvc") and stem[-1] not in "wxy") or cv == "vc"
+
+
+def _apply_rules(word, rules, condition):
+    for suffix, replacement in rules:
+        if word.endswith(suffix):
+            stem = word[: len(word) - len(suffix)]
+            return stem + replacement if condition(stem, suffix) else word
+    return word
+
+
+def _step1a(word):
+    if word.endswith("ies") and len(word) == 4:  # NLTK: ties -> tie, not ti
+        return word[:-1]
+    return _apply_rules(word, [("sses", "ss"), ("ies", "i"), ("ss", "ss"), ("s", "")], lambda stem, suffix: True)
+
+
+def _step1b(word):
+    if word.endswith("ied"):  # NLTK: tied -> tie, cried -> cri
+        return word[:-1] if len(word) == 4 else word[:-2]
+    if word.endswith("eed"):
+        return word[:-1] if _measure(word[:-3]) > 0 else word
+    for suffix in ("ed", "ing"):
+        stem = word[: len(word) - len(suffix)]
+        if word.endswith(suffix) and "v" in _cv(stem):
+            break
+    else:
+        return word
+    # Put back an 'e' that -ed / -ing took away, or undouble a consonant (hopp -> hop, but fall and hiss stay).
+    if stem.endswith(("at", "bl", "iz")):
+        return stem + "e"
+    if len(stem) >= 2 and stem[-1] == stem[-2] and _cv(stem)[-1] == "c":
+        return stem[:-1] if stem[-1] not in "lsz" else stem
+    return stem + "e" if _measure(stem) == 1 and _ends_cvc(stem) else stem
+
+
+def _step1c(word):
+    # NLTK: y -> i after any consonant that is not the whole stem (happy -> happi, cry -> cri, but enjoy, by).
+    return word[:-1] + "i" if word.endswith("y") and len(word) > 2 and _cv(word[:-1])[-1] == "c" else word
+
+
+def _step2(word):
+    if word.endswith("alli") and _measure(word[:-4]) > 0:  # NLTK: -alli -> -al, then step 2 again
+        return _step2(word[:-2])
+    # NLTK measures -logi's stem with the 'l' still on.
+    return _apply_rules(word, _STEP2, lambda stem, suffix: _measure(stem + "l" if suffix == "logi" else stem) > 0)
+
+
+def _step4(word):
+    def condition(stem, suffix):
+        return _measure(stem) > 1 and (suffix != "ion" or stem[-1] in "st")
+    return _apply_rules(word, _STEP4, condition)
+
+
+def _step5(word):
+    if word.endswith("e"):
+        m = _measure(word[:-1])
+        if m > 1 or (m == 1 and not _ends_cvc(word[:-1])):
+            word = word[:-1]
+    if word.endswith("ll") and _measure(word[:-1]) > 1:
+        word = word[:-1]
+    return word
+
+
+@functools.lru_cache(maxsize=1 << 20)  # a corpus has few distinct words; each is stemmed once
+def porter_stem(word):
+    """NLTK's PorterStemmer().stem(word) for a lowercase word."""
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    if len(word) <= 2:
+        return word
+    word = _step2(_step1c(_step1b(_step1a(word))))
+    word = _apply_rules(word, _STEP3, lambda stem, suffix: _measure(stem) > 0)
+    return _step5(_step4(word))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ROUGE
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def tokenize(text, use_stemmer=False):
+    """rouge-score's tokens: lowercased, split at anything but [a-z0-9] ("café" -> "caf"), words over 3 letters
+    stemmed."""
+    tokens = _NON_ALNUM.sub(" ", text.lower()).split()
+    if use_stemmer:
+        tokens = [porter_stem(t) if len(t) > 3 else t for t in tokens]
+    return tokens  # all match ^[a-z0-9]+$ already, so rouge-score's final filter would drop nothing
+
+
+def _lcs_length(a, b):
+    """Length of the longest common subsequence of two token lists, in O(len(a) * len(b) / wordsize).
+
+    `v` holds one column of the classic DP table (rows: tokens of `a`) as differences: bit i is 0 where the column
+    grows by one at row i, so the LCS is the number of zero bits. One addition per token of `b` updates the whole
+    column (Hyyro 2004), and Python's big ints make a column any length. Carries above bit len(a) never reach the
+    lower bits, hence a single mask at the end.
+    """
+    if len(a) < len(b):
+        a, b = b, a  # loop over the shorter list
+    match = {}
+    for i, token in enumerate(a):
+        match[token] = match.get(token, 0) | (1 << i)
+    mask = (1 << len(a)) - 1
+    v = mask
+    for token in b:
+        u = v & match.get(token, 0)
+        v = (v + u) | (v - u)
+    return len(a) - (v & mask).bit_count()
+
+
+def _scores(overlap, n_pred, n_ref):
+    # rouge-score's conventions and operation order, so the floats match bit for bit.
+    p = overlap / max(n_pred, 1)
+    r = overlap / max(n_ref, 1)
+    return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
+
+
+def rouge(prediction, reference, use_stemmer=False):
+    """ROUGE-1, ROUGE-2 and ROUGE-L (precision, recall, F) of one prediction against one reference.
+
+    Identical to rouge_score.rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer).score(reference,
+    prediction): precision is over the prediction's tokens, recall over the reference's; an empty side scores 0.
+    """
+    pred, ref = tokenize(prediction, use_stemmer), tokenize(reference, use_stemmer)
+    unigrams = sum((Counter(pred) & Counter(ref)).values())
+    bigrams = sum((Counter(zip(pred, pred[1:])) & Counter(zip(ref, ref[1:]))).values())
+    return {
+        "rouge1": _scores(unigrams, len(pred), len(ref)),
+        "rouge2": _scores(bigrams, len(pred) - 1, len(ref) - 1),  # -1 for an empty side: max(., 1) in _scores
+        "rougeL": _scores(_lcs_length(pred, ref) if pred and ref else 0, len(pred), len(ref)),
+    }
+
+
+def corpus_rouge(scores):
+    """Corpus ROUGE from per-example rouge() results: the mean F over examples, per ROUGE type.
+
+    MiniLLM and DistiLLM average the same way (their Natural-Instructions scoring script, times 100). rouge-score's
+    BootstrapAggregator reports instead the median of 1,000 bootstrap resample means (with a 95% interval around
+    it), which is random and can differ from the mean in the last digits.
+    math.fsum rounds exactly once, so the result does not depend on example order (one process or many).
+    """
+    if not scores:
+        raise ValueError("corpus_rouge: no scores to average")
+    return {key: math.fsum(s[key][2] for s in scores) / len(scores) for key in ("rouge1", "rouge2", "rougeL")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: generate replies with model.py to data.py's conversations, score them, write them out
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate each conversation's last assistant reply and score it by "
+                                "ROUGE-1/2/L against the data's, or score saved replies.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="model folder or Hub id, with its tokenizer in the same folder")
+    p.add_argument("--data", help="conversations: a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
+    p.add_argument("--split", default="test_sft", help="split of a folder or Hub dataset, not of a single file")
+    p.add_argument("--max-examples", type=int, help="use the first N rows only")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, the same replies for any process count")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling, one stream per batch")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype; none: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--out", default="runs/eval", help="folder for predictions.jsonl and summary.json")
+    p.add_argument("--predictions", metavar="FILE.jsonl",
+                   help="score this file's {prediction, reference, id (optional)} rows instead of generating: "
+                        "another system's outputs, or SeqKD data")
+    p.add_argument("--write-data", metavar="FILE.jsonl",
+                   help="also write the data's rows {id, messages} with each last assistant reply replaced by the "
+                        "model's, for SeqKD: train.py --data FILE.jsonl then fine-tunes on the model's replies")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.predictions and (args.model or args.data or args.write_data):
+        sys.exit("error: --predictions scores saved replies: it takes no --model, --data or --write-data")
+    if not args.predictions and not (args.model and args.data):
+        sys.exit("error: need --model and --data, or --predictions FILE.jsonl")
+    if args.predictions and not Path(args.predictions).is_file():
+        sys.exit(f"error: --predictions {args.predictions}: no such file")
+    for flag in ("max_examples", "max_new_tokens", "batch_size"):
+        if (value := getattr(args, flag)) is not None and value < 1:
+            sys.exit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        sys.exit(f"error: need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature} and {args.top_p}")
+
+
+def read_predictions(path):
+    """Every row of a predictions file, checked before any is scored."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            sys.exit(f"error: {path}:{n}: malformed JSON: {e.msg} at column {e.colno}")
+        for field in ("prediction", "reference"):
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                sys.exit(f"error: {path}:{n}: missing field {field!r} (a string)")
+        rows.append({"id": str(row.pop("id", f"{Path(path).name}:{n}")), **row})  # the id data.py would give it
+    if not rows:
+        sys.exit(f"error: --predictions {path}: no rows")
+    return rows
+
+
+def load_examples(args, tokenizer):
+    try:
+        rows = load_rows(args.data, split=args.split, max_rows=args.max_examples)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")  # data.py's messages name the file and line
+    chats = [r for r in rows if "messages" in r]  # load_rows lets through only chats with an assistant turn
+    if not chats:
+        sys.exit(f"error: --data {args.data}: none of its {len(rows)} rows is a conversation with an assistant turn")
+    if len(chats) < len(rows):
+        print(f"skipping {len(rows) - len(chats)} plain-text rows of {args.data}: they have no reply to compare with")
+    for r in chats:
+        r["last"] = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
+        r["prompt"] = encode_prompt(r["messages"], tokenizer)
+    return chats
+
+
+def generate_replies(model, tokenizer, examples, batches, args, device, rank, world):
+    """{example index: (reply, finished)} for this process's batches."""
+    stops = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    replies, total, t0, shown = {}, sum(len(idx) for _, idx in batches), time.perf_counter(), 0.0
+    for b, idx in batches:
+        prompts = [examples[i]["prompt"] for i in idx]
+        T = max(map(len, prompts))
+        ids = torch.tensor([[stops[1]] * (T - len(p)) + p for p in prompts])  # (B, T), left-padded for generate()
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])  # (B, T)
+        # seeded by the batch's number, so that sampled replies do not depend on the number of processes either
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b) if args.temperature > 0 else None
+        out = model.generate(ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, eos_token_id=stops, generator=gen)
+        for i, row in zip(idx, out[:, T:].tolist()):
+            end = next((k for k, t in enumerate(row) if t in stops), None)  # None: cut at --max-new-tokens
+            replies[i] = (tokenizer.decode(row[:end], skip_special_tokens=True), end is not None)
+        elapsed = time.perf_counter() - t0
+        if rank == 0 and (elapsed - shown > 10 or len(replies) == total):  # a line per 10 s keeps logs readable
+            rate, shown = len(replies) / elapsed, elapsed
+            print(f"{f'rank 0 of {world}: ' if world > 1 else ''}{len(replies)}/{total} examples, {rate:.2f} "
+                  f"examples/s, ETA {(total - len(replies)) / rate:.0f} s", file=sys.stderr, flush=True)
+    return replies
+
+
+def write_results(records, out, **meta):
+    """Scores the records, writes predictions.jsonl and summary.json, prints the table."""
+    plain = [rouge(r["prediction"], r["reference"]) for r in records]
+    stemmed = [rouge(r["prediction"], r["reference"], use_stemmer=True) for r in records]
+    for r, a, b in zip(records, plain, stemmed):
+        r["scores"] = {**{k: f for k, (_, _, f) in a.items()}, **{f"{k}_stemmed": f for k, (_, _, f) in b.items()}}
+    mean_length = lambda field: math.fsum(len(tokenize(r[field])) for r in records) / len(records)
+    summary = {**meta, "examples": len(records), "rouge": corpus_rouge(plain), "rouge_stemmed": corpus_rouge(stemmed),
+               "mean_prediction_tokens": mean_length("prediction"), "mean_reference_tokens": mean_length("reference")}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"{'':9}{'R-1':>7}{'R-2':>7}{'R-L':>7}   (F x 100, mean over {len(records)} examples)")
+    for name, key in (("plain", "rouge"), ("stemmed", "rouge_stemmed")):
+        print(f"{name:9}" + "".join(f"{100 * summary[key][k]:7.2f}" for k in ("rouge1", "rouge2", "rougeL")))
+    print(f"mean length in ROUGE tokens: prediction {summary['mean_prediction_tokens']:.1f}, reference "
+          f"{summary['mean_reference_tokens']:.1f}\nwrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+
+    # --- saved replies: scoring only
+    if args.predictions:
+        return write_results(read_predictions(args.predictions), Path(args.out), predictions=args.predictions)
+
+    # --- model folder, tokenizer and data, all checked before any weight is read
+    try:
+        model_dir = resolve_model_dir(args.model)
+        Qwen2Config.from_json(model_dir)
+        tokenizer = load_tokenizer(model_dir)  # the model's own: a missing one is an error, not a silent default
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --model {args.model}: {e}")
+    examples = load_examples(args, tokenizer)
+
+    # --- processes: torchrun sets WORLD_SIZE; a plain `python evaluate.py` is one process, without a process group
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    model = Qwen2.from_pretrained(model_dir, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device)
+
+    # --- generation. Prompts sorted by length fill batches with little padding; longest first, so that running out
+    # of memory happens at once. Whole batches are dealt to the processes: each is the batch a single process would
+    # run, so the replies are the same, bit for bit, whatever the number of processes.
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["prompt"]), i))
+    batches = [(b, order[k:k + args.batch_size]) for b, k in enumerate(range(0, len(order), args.batch_size))]
+    replies = generate_replies(model, tokenizer, examples, batches[rank::world], args, device, rank, world)
+    if dist.is_initialized():
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object(replies, parts, dst=0)
+        replies = {i: reply for part in parts or [] for i, reply in part.items()}
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+
+    # --- scores and files, in the data's order
+    records = [{"id": ex["id"], "messages": ex["messages"][:ex["last"]], "prediction": replies[i][0],
+                "reference": ex["messages"][ex["last"]]["content"], "finished": replies[i][1]}
+               for i, ex in enumerate(examples)]
+    meta = {k: getattr(args, k) for k in ("model", "data", "split", "max_new_tokens", "temperature", "top_p", "seed")}
+    write_results(records, Path(args.out), **meta, dtype=dtype, unfinished=sum(not r["finished"] for r in records))
+    if args.write_data:  # each conversation with the model's reply in place of its last one
+        Path(args.write_data).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.write_data, "w", encoding="utf-8") as f:
+            for ex, r in zip(examples, records):
+                reply = {"role": "assistant", "content": r["prediction"]}
+                turns = [*r["messages"], reply, *ex["messages"][ex["last"] + 1:]]
+                f.write(json.dumps({"id": ex["id"], "messages": turns}, ensure_ascii=False) + "\n")
+        print(f"wrote {len(records)} conversations with the model's replies to {args.write_data}")
+
+
+if __name__ == "__main__":
+    main()

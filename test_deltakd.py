@@ -23,9 +23,11 @@ from nltk.stem.porter import PorterStemmer
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_score_tokenize
 from safetensors import safe_open
+from safetensors.torch import load_file
 from safetensors.torch import load_file, save_file
 
 import data
+import train
 from deltakd import delta_kd_loss
 from evaluate import corpus_rouge, main, rouge, tokenize
 from evaluate import corpus_rouge, porter_stem, rouge, tokenize
@@ -1415,6 +1417,155 @@ def test_corpus_rouge_is_mean_f():
     assert not math.isnan(corpus_rouge([rouge("", "")])["rougeL"])
     with pytest.raises(ValueError, match="no scores"):
         corpus_rouge([])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train.py: the FSDP2 loop under torchrun (gloo)
+
+def _train_tiny_model(path, tokenizer_dir, seed, **shape):
+    torch.manual_seed(seed)
+    model = Qwen2(Qwen2Config(rope_theta=1e6, num_attention_heads=4, num_hidden_layers=2, **shape))
+    model.init_weights()
+    model.save_pretrained(path, tokenizer_dir=tokenizer_dir)
+    return path
+
+
+@pytest.fixture(scope="module")
+def _train_world(tmp_path_factory):
+    """Toy chats, and random tiny models whose lm_heads have more rows than the tokenizer, like Qwen's:
+    the teacher 640 rows, the student 632 (tied), the tokenizer about 630 ids."""
+    root = tmp_path_factory.mktemp("train")
+    subprocess.run([sys.executable, str(REPO / "data.py"), "toy", "--out",
+                    str(root / "data"), "--n-train", "96", "--n-test", "8", "--n-corpus", "64"], check=True,
+                   capture_output=True)
+    teacher = dict(vocab_size=640, hidden_size=64, intermediate_size=128, num_key_value_heads=2)
+    student = dict(vocab_size=632, hidden_size=32, intermediate_size=64, num_key_value_heads=1,
+                   tie_word_embeddings=True)
+    return {"root": root, "data": root / "data" / "train.jsonl",
+            "teacher": _train_tiny_model(root / "teacher", root / "data", 1, **teacher),
+            "teacher_raw": _train_tiny_model(root / "teacher-raw", root / "data", 2, **teacher),
+            "student": _train_tiny_model(root / "student", root / "data", 3, **student)}
+
+
+def _train_run(world, out, *args, nproc=1, loss="deltakd", check=True):
+    kd = [] if loss == "sft" else ["--teacher", str(world["teacher"]), "--teacher-raw", str(world["teacher_raw"])]
+    script = [str(REPO / "train.py"), "--model", str(world["student"]), *kd,
+              "--loss", loss, "--data", str(world["data"]), "--out", str(out), "--max-len", "128", "--lr", "3e-3",
+              "--log-every", "1", *args]
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launcher + script, capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def _train_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("loss", ["sft", "fkl", "rkl", "deltakd"])
+def test_train_every_loss_under_torchrun(_train_world, tmp_path, loss):
+    out = tmp_path / loss
+    _train_run(_train_world, out, "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "2", nproc=2,
+               loss=loss)
+    records = _train_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "sft", "kd", "grad_norm", "tokens_per_s"))
+        assert (r["kd"] == 0) == (loss == "sft")
+        lam = 1.0 if loss == "sft" else 0.5
+        assert r["loss"] == pytest.approx(lam * r["sft"] + (1 - lam) * r["kd"], rel=1e-5)
+    # the export loads in our model and is what the last checkpoint holds, in HF format
+    final = Qwen2.from_pretrained(out / "final", dtype=torch.float32)
+    before = _train_weights(_train_world["student"])
+    after = _train_weights(out / "final")
+    assert after.keys() == before.keys() and "lm_head.weight" not in after  # tied: stored once
+    assert max((after[k] - before[k]).abs().max().item() for k in after) > 1e-4
+    assert (out / "final" / "tokenizer.json").exists() and final.config.vocab_size == 632
+
+
+def test_train_sft_loss_decreases(_train_world, tmp_path):
+    out = tmp_path / "sft"
+    _train_run(_train_world, out, "--batch-size", "8", "--micro-batch-size", "8", "--max-steps", "24",
+               "--warmup-steps", "2", loss="sft")
+    losses = [r["loss"] for r in _train_metrics(out)]
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+
+
+def test_train_same_update_for_any_world_size_and_micro_batch(_train_world, tmp_path):
+    common = ["--batch-size", "8", "--max-steps", "3", "--dtype", "fp32", "--temperature", "2", "--lam", "0.3"]
+    _train_run(_train_world, tmp_path / "one", *common, "--micro-batch-size", "2")
+    _train_run(_train_world, tmp_path / "two", *common, "--micro-batch-size", "4", nproc=2)
+    one, two = _train_weights(tmp_path / "one" / "final"), _train_weights(tmp_path / "two" / "final")
+    start = _train_weights(_train_world["student"])
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # the steps did move the weights
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+def test_train_resume_gives_identical_weights(_train_world, tmp_path):
+    out = tmp_path / "run"
+    args = ["--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "5", "--save-every", "2",
+            "--warmup-steps", "2"]
+    _train_run(_train_world, out, *args)
+    reference = _train_weights(out / "final")
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-4", "step-5"]  # the newest two are kept
+    shutil.rmtree(out / "final")
+    shutil.rmtree(ckpts / "step-5")
+    shutil.copytree(ckpts / "step-4", ckpts / "step-6.tmp")  # an interrupted save: never taken for a checkpoint
+    (ckpts / "step-6.tmp" / "trainer_state.json").unlink()
+    result = _train_run(_train_world, out, *args)
+    assert "resuming from" in result.stdout and "step-4 at step 4" in result.stdout
+    resumed = _train_weights(out / "final")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert [r["step"] for r in _train_metrics(out)] == [1, 2, 3, 4, 5, 5]
+
+
+def test_train_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(_train_world, tmp_path):
+    out = tmp_path / "nan"
+    # a learning rate of 1e30 sends every weight to +-1e30 after the first step; the second forward overflows
+    result = _train_run(_train_world, out, "--batch-size", "8", "--micro-batch-size", "8", "--max-steps", "4",
+                        "--save-every", "1", "--lr", "1e30", "--grad-clip", "0", check=False)
+    assert result.returncode != 0
+    assert "error: step 2:" in result.stderr and "Last good checkpoint" in result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert not (out / "final").exists()
+
+
+def _train_expect_exit(argv, message):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert message in str(e.value.code)
+
+
+def test_train_bad_arguments_are_refused_before_loading(_train_world, tmp_path):
+    w = {k: str(v) for k, v in _train_world.items()}
+    base = ["--model", w["student"], "--data", w["data"], "--out", str(tmp_path / "x")]
+    _train_expect_exit(base + ["--loss", "fkl"], "--loss fkl needs --teacher")
+    _train_expect_exit(base + ["--loss", "deltakd", "--teacher", w["teacher"]], "needs --teacher-raw")
+    _train_expect_exit(base + ["--loss", "sft", "--batch-size", "10", "--micro-batch-size", "4"],
+                       "--batch-size 10 is not divisible by --micro-batch-size 4 x 1 processes")
+    _train_expect_exit(["--model", w["student"], "--data", str(tmp_path / "nope.jsonl"), "--out", "x", "--loss", "sft"],
+                       "--data")
+    _train_expect_exit(["--model", str(tmp_path / "missing"), "--data", w["data"], "--out", "x", "--loss", "sft"],
+                       "no such file or folder")
+    _train_expect_exit(base + ["--loss", "fkl", "--random-init", "--teacher", w["teacher"]], "--random-init")
+    # a teacher whose tokenizer differs: KD would compare different ids
+    other = tmp_path / "other-teacher"
+    shutil.copytree(w["teacher"], other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    _train_expect_exit(base + ["--loss", "fkl", "--teacher", str(other)], "has a different tokenizer")
+    assert not (tmp_path / "x").exists()  # nothing was written
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,326 @@
+"""Train a Qwen2 student with SFT, forward KL, reverse KL or Delta-KD: one plain FSDP2 loop for 1 to N GPUs.
+
+    python train.py --model Qwen/Qwen2.5-7B --loss sft --data HuggingFaceH4/ultrachat_200k --out runs/teacher
+    torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-1.5B --teacher runs/teacher/final \
+        --teacher-raw Qwen/Qwen2.5-7B --loss deltakd --data HuggingFaceH4/ultrachat_200k --out runs/deltakd
+
+Every model, the frozen ones included, is built on the meta device, sharded with fully_shard (each block, then the
+root), materialised with to_empty and filled from its safetensors one tensor at a time, so no process ever holds a
+full copy. The loss is normalised by the global count of supervised tokens, so the same global batch gives the same
+update whatever the number of processes and the micro-batch size. References: torchtitan (FSDP2, DCP), nanoGPT and
+nanochat (the loop), Delta-KD (arXiv:2509.14526).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
+    set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from data import IGNORE, Batches, build_examples, load_rows, load_tokenizer
+from deltakd import delta_kd_loss
+from model import Qwen2, Qwen2Config, load_weights, resolve_model_dir
+
+LOSSES = {  # how the paper's token-level methods fall out of delta_kd_loss
+    "sft": dict(lam=1.0),  # cross-entropy on the data, no teacher
+    "fkl": dict(alpha=0.0, divergence="fkl"),  # KL(teacher || student)
+    "rkl": dict(alpha=0.0, divergence="rkl"),  # KL(student || teacher)
+    "deltakd": dict(divergence="fkl"),  # KL(pi* || student), pi* from the teacher's SFT shift
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--model", required=True, help="the model to train: a folder or a Hub id")
+    g.add_argument("--teacher", help="the fine-tuned teacher (fkl, rkl, deltakd)")
+    g.add_argument("--teacher-raw", help="the same teacher before its SFT (deltakd)")
+    g.add_argument("--random-init", action="store_true",
+                   help="start from random weights (--model then needs only config.json and the tokenizer): for "
+                        "pre-training small raw models with --loss sft")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=list(LOSSES), default="deltakd", help="what to train with")
+    g.add_argument("--alpha", type=float, default=1.0, help="deltakd: how much of the teacher's SFT shift to apply")
+    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the KD term (not of sampling)")
+    g.add_argument("--lam", type=float, default=0.5, help="weight of the SFT term; the KD term gets 1 - lam")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
+    g.add_argument("--split", help="dataset split (default: train_sft for UltraChat, cot for OpenMathReasoning)")
+    g.add_argument("--max-rows", type=int, help="read at most this many rows (downloads only the shards needed)")
+    g.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
+    g.add_argument("--max-len", type=int, default=2048, help="longest sequence in tokens; longer rows are cut")
+    g.add_argument("--batch-size", type=int, default=64, help="sequences per optimizer step, over all processes")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass, per process")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored with --max-steps)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps to run")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
+    g.add_argument("--seed", type=int, default=0, help="seeds the data order and --random-init")
+    g = p.add_argument_group("output and runtime")
+    g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/step-N/, final/")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    g.add_argument("--log-every", type=int, default=10, help="log every N steps")
+    g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak for MFU (H100 SXM: 989)")
+    return p.parse_args(argv)
+
+
+def check_args(args, world_size):
+    """Everything that can be wrong with the command line, found before any model or data is loaded."""
+    if args.loss in ("fkl", "rkl", "deltakd") and not args.teacher:
+        sys.exit(f"error: --loss {args.loss} needs --teacher (the fine-tuned teacher)")
+    if args.loss == "deltakd" and args.alpha != 0 and not args.teacher_raw:
+        sys.exit("error: --loss deltakd needs --teacher-raw (the teacher before SFT), or --alpha 0")
+    if args.random_init and args.loss != "sft":
+        sys.exit("error: --random-init is for pre-training with --loss sft; a distilled student starts pretrained")
+    if args.batch_size % (args.micro_batch_size * world_size):
+        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by --micro-batch-size "
+                 f"{args.micro_batch_size} x {world_size} processes")
+    if not (args.max_steps or args.epochs > 0) or args.save_every < 1 or args.keep_checkpoints < 1:
+        sys.exit("error: need --max-steps > 0 or --epochs > 0, --save-every >= 1 and --keep-checkpoints >= 1")
+    local = lambda spec: Path(spec).exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
+    for flag in ("model", "teacher", "teacher_raw", "data"):
+        spec = getattr(args, flag)
+        if spec and local(spec) and not Path(spec).expanduser().exists():
+            sys.exit(f"error: --{flag.replace('_', '-')} {spec}: no such file or folder (nor a Hub id owner/name)")
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=False):
+    """Meta device -> fully_shard each block, then the root -> to_empty -> weights, tensor by tensor."""
+    with torch.device("meta"):
+        model = Qwen2(Qwen2Config.from_json(model_dir)).to(storage_dtype)
+    model.model.gradient_checkpointing = grad_ckpt
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=mesh.device_type)
+    model.tie_weights()
+    if not trainable:
+        model.requires_grad_(False).eval()
+    model.name_or_path = str(model_dir)
+    return model
+
+
+def checkpoints(out):
+    """Complete checkpoints, oldest first: a folder counts once it has been renamed from its .tmp name."""
+    found = [(int(m.group(1)), d) for d in (out / "checkpoints").glob("step-*")
+             if (m := re.fullmatch(r"step-(\d+)", d.name)) and (d / "trainer_state.json").exists()]
+    return [d for _, d in sorted(found)]
+
+
+def save_checkpoint(out, step, model, optimizer, batches, args, rank):
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted save left behind
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # sharded: each rank writes its own part
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(torch.get_rng_state(), tmp / f"rng-rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        state = {"step": step, "data": batches.state_dict(), "args": vars(args)}
+        with open(tmp / "trainer_state.json", "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # the checkpoint exists from here on, whole
+        for old in checkpoints(out)[:-args.keep_checkpoints]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_checkpoint(path, model, optimizer, batches, rank):
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    state = json.loads((path / "trainer_state.json").read_text())
+    batches.load_state_dict(state["data"])
+    rng = path / f"rng-rank{rank}.pt"
+    if rng.exists():  # absent when resuming on more processes than saved
+        torch.set_rng_state(torch.load(rng))
+    return state["step"]
+
+
+def lr_at(step, args, total_steps):
+    """Linear warmup to --lr, then cosine decay to --min-lr at the last step. A function of the step: resuming needs
+    no scheduler state."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def main(argv=None):
+    args = get_args(argv)
+
+    # --- everything that can be wrong with the command, before any process group, weight or row is touched
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    dirs = {k: resolve_model_dir(v) for k, v in (("model", args.model), ("teacher", args.teacher),
+                                                  ("teacher_raw", args.teacher_raw)) if v}  # Hub: cached download
+    tokenizer = load_tokenizer(dirs["model"])
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    for name in ("teacher", "teacher_raw"):
+        if name in dirs and load_tokenizer(dirs[name]).get_vocab(True) != tokenizer.get_vocab(True):
+            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} has a different tokenizer from "
+                     f"--model {args.model}: token-level KD compares distributions over the same ids")
+
+    # --- processes: torchrun sets RANK and WORLD_SIZE; a plain `python train.py` is a world of one, on the same path
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (world,))
+    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    log = print if rank == 0 else lambda *a, **k: None
+    out = Path(args.out)
+    if args.random_init:  # rank 0 writes the initial weights once, so every rank and every rerun loads the same ones
+        init_dir = out / "init"
+        if rank == 0 and not init_dir.exists():
+            torch.manual_seed(args.seed)
+            init = Qwen2(Qwen2Config.from_json(dirs["model"]))
+            init.init_weights()
+            init.save_pretrained(init_dir, tokenizer_dir=dirs["model"])
+        dist.barrier()
+        dirs["model"] = init_dir
+
+    # --- data: the same global batches whatever the world size
+    rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows)
+    examples = build_examples(rows, tokenizer, args.max_len)
+    batches = Batches(examples, args.batch_size, args.micro_batch_size, rank, world, args.seed,
+                      pad_id=tokenizer.token_to_id("<|endoftext|>"))
+    total_steps = args.max_steps or math.ceil(args.epochs * len(batches))
+
+    # --- models: the student trains in fp32 master weights; the frozen ones are stored in the compute dtype
+    student = build(dirs["model"], mesh, compute_dtype, torch.float32, trainable=True, grad_ckpt=args.grad_ckpt)
+    frozen = {}
+    if args.loss != "sft":
+        frozen["teacher"] = build(dirs["teacher"], mesh, compute_dtype, compute_dtype, trainable=False)
+    if args.loss == "deltakd" and args.alpha != 0:
+        frozen["teacher_raw"] = build(dirs["teacher_raw"], mesh, compute_dtype, compute_dtype, trainable=False)
+        frozen["student_raw"] = build(dirs["model"], mesh, compute_dtype, compute_dtype, trainable=False)
+    for m in frozen.values():
+        load_weights(m, m.name_or_path)
+    decay = [p for p in student.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                                  fused=cuda)
+
+    step, resume = 0, checkpoints(out)
+    if resume:
+        step = load_checkpoint(resume[-1], student, optimizer, batches, rank)
+        log(f"resuming from {resume[-1]} at step {step}")
+    else:
+        load_weights(student, dirs["model"])
+
+    n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in {"student": student, **frozen}.items()}
+    log(json.dumps({"config": vars(args), "world_size": world, "device": str(device), "dtype": str(compute_dtype),
+                    "vocab_size": vocab_size, "examples": len(examples), "steps_per_epoch": len(batches),
+                    "total_steps": total_steps, "parameters": n_params}, indent=1))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    loss_kwargs = {"alpha": args.alpha, "temperature": args.temperature, "lam": args.lam, **LOSSES[args.loss]}
+    # model FLOPs per token: 6N for the trained student (forward + backward), 2N for each frozen forward
+    flops_per_token = 6 * n_params["student"] + 2 * sum(v for k, v in n_params.items() if k != "student")
+
+    # --- the loop
+    stats = torch.zeros(4, device=device)  # loss, sft, kd, tokens since the last log (this rank's share)
+    t_log, steps_since_log = time.perf_counter(), 0
+    while step < total_steps:
+        for micro_batches in batches:  # one epoch; each item is one optimizer step
+            lr = lr_at(step, args, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # (B, T) labels shifted left: logits[:, i] predicts labels[:, i], with nothing to predict at the end
+            for mb in micro_batches:
+                mb["targets"] = F.pad(mb["labels"][:, 1:], (0, 1), value=IGNORE)
+            # normalise by the global count of supervised tokens: the same update for any split of the batch
+            num_tokens = sum((mb["targets"] != IGNORE).sum() for mb in micro_batches).to(device)
+            dist.all_reduce(num_tokens)
+            step_stats = torch.zeros(4, device=device)
+            for mb in micro_batches:
+                input_ids, mask = mb["input_ids"].to(device), mb["attention_mask"].to(device)
+                targets = mb["targets"].to(device)
+                with torch.no_grad():
+                    logits = {k: m(input_ids, mask) for k, m in frozen.items()}
+                loss, parts = delta_kd_loss(student(input_ids, mask), targets, logits.get("teacher"),
+                                            logits.get("teacher_raw"), logits.get("student_raw"), **loss_kwargs,
+                                            vocab_size=vocab_size, num_tokens=num_tokens, return_parts=True)
+                (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global share
+                step_stats += torch.stack([loss.detach(), parts["sft"], parts["kd"], mask.sum().float()])
+            dist.all_reduce(step_stats)
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            # one sync per step: a bad step must stop before it reaches the weights or a checkpoint
+            if not (torch.isfinite(step_stats[0]) and torch.isfinite(grad_norm)):
+                good = checkpoints(out)
+                sys.exit(f"error: step {step + 1}: loss {step_stats[0].item()}, gradient norm {grad_norm.item()}; "
+                         f"stopping. Last good checkpoint: {good[-1] if good else 'none'}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            stats += step_stats
+            steps_since_log += 1
+
+            # --- log (the only place that reads values back to the host)
+            if step % args.log_every == 0 or step == total_steps:
+                dt = time.perf_counter() - t_log
+                loss_, sft_, kd_, tokens = (stats / torch.tensor([steps_since_log] * 3 + [1], device=device)).tolist()
+                record = {"step": step, "loss": loss_, "sft": sft_, "kd": kd_, "lr": lr, "grad_norm": grad_norm.item(),
+                          "tokens_per_s": tokens / dt, "eta_s": dt / steps_since_log * (total_steps - step)}
+                if cuda:
+                    record["mfu"] = flops_per_token * tokens / dt / world / (args.peak_tflops * 1e12)
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                if rank == 0:
+                    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                stats.zero_()
+                t_log, steps_since_log = time.perf_counter(), 0
+
+            # --- checkpoint
+            if step % args.save_every == 0 or step == total_steps:
+                save_checkpoint(out, step, student, optimizer, batches, args, rank)
+            if step == total_steps:
+                break
+
+    # --- final export in Hugging Face format (gathered on rank 0, written atomically)
+    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        full = {k: v.to(compute_dtype) for k, v in full.items()}
+        student.save_pretrained(out / "final", state_dict=full, tokenizer_dir=dirs["model"])
+        log(f"wrote {out / 'final'}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -209,6 +209,11 @@ def _normalise(row, rid):
 
 
 def load_rows(spec, split=None, max_rows=None, skip_bad=False):
+    """A split may end in a range of good rows, like "cot[:100000]" and "cot[100000:101000]": how a held-out slice of
+    a dataset without a test split (OpenMathReasoning) is named. Only the shards up to its end are downloaded."""
+    split, first, last = re.fullmatch(r"(.*?)(?:\[(\d*):(\d*)\])?", split or "").groups()
+    first, split = int(first or 0), split or None
+    stop = min(int(last) if last else float("inf"), first + (max_rows or float("inf")))
     path, suffixes = Path(spec), (".jsonl", ".json", ".parquet")
     if path.is_file():
         sources = [_read_file(path)]
@@ -226,7 +231,7 @@ def load_rows(spec, split=None, max_rows=None, skip_bad=False):
                    for shard in _hub_shards(str(spec), split or default_split))
     else:
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a Hub dataset id (owner/name)")
-    rows, bad = [], Counter()
+    rows, good, bad = [], 0, Counter()
     for where, rid, row, problem in (item for source in sources for item in source):
         if problem is None:
             row, problem = _normalise(row, rid)
@@ -235,8 +240,10 @@ def load_rows(spec, split=None, max_rows=None, skip_bad=False):
         if problem:
             bad[problem.split(":")[0]] += 1
         else:
-            rows.append(row)
-            if len(rows) == max_rows:  # stop before the next shard is fetched
+            good += 1
+            if good > first:
+                rows.append(row)
+            if good == stop:  # stop before the next shard is fetched
                 break
     if bad:
         print(f"load_rows: skipped {sum(bad.values())} bad rows of {spec}: "
@@ -393,18 +400,27 @@ def toy_chats(n, seed=0):
 
 
 def toy_corpus(n, seed=0):
-    """Plain text in the same domain without chat markup, to pre-train raw models: worked problems and sums."""
+    """Text to pre-train raw models: worked problems, sums, and short chats about sums. Real base models have seen
+    chat markup before their SFT, so the toy ones do too; what SFT adds is answering word problems in a chat."""
     rng, rows = random.Random(f"corpus-{seed}"), []
     for i in range(n):
-        if rng.random() < 0.6:
+        kind = rng.random()
+        if kind < 0.5:
             question, steps, answer = _toy_problem(rng)
             text = f"Problem: {question}\nSolution: {_toy_solution(rng, steps, answer)}"
+        elif kind < 0.75:
+            text = " ".join(_toy_sum(rng) for _ in range(rng.randint(3, 8)))
         else:
-            sums = [(rng.randint(1, 99), rng.choice("+-x"), rng.randint(1, 12)) for _ in range(rng.randint(3, 8))]
-            text = " ".join(f"{x} {op} {y} = {x + y if op == '+' else x - y if op == '-' else x * y}."
-                            for x, op, y in sums)
+            question = _toy_sum(rng)
+            text = render_chat([{"role": "user", "content": f"What is {question.split(' =')[0]}?"},
+                                {"role": "assistant", "content": question}])
         rows.append({"id": f"corpus-{i}", "text": text})
     return rows
+
+
+def _toy_sum(rng):
+    x, op, y = rng.randint(1, 99), rng.choice("+-x"), rng.randint(1, 12)
+    return f"{x} {op} {y} = {x + y if op == '+' else x - y if op == '-' else x * y}."
 
 
 def train_toy_tokenizer(texts, vocab_size=768):

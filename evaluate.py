@@ -226,7 +226,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="model folder or Hub id, with its tokenizer in the same folder")
     p.add_argument("--data", help="conversations: a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
-    p.add_argument("--split", default="test_sft", help="split of a folder or Hub dataset, not of a single file")
+    p.add_argument("--split", default="test_sft",
+                   help="split of a folder or Hub dataset, optionally with a row range like cot[100000:101000]")
     p.add_argument("--max-examples", type=int, help="use the first N rows only")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")

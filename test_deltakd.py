@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 from safetensors.torch import load_file, save_file
 
 import data
+import evaluate
 import train
 from deltakd import delta_kd_loss
 from evaluate import corpus_rouge, main, rouge, tokenize
@@ -986,6 +988,11 @@ def test_data_parquet_json_and_folders(tmp_path):
     assert len(data.load_rows(tmp_path / "ultra", split="test_sft")) == 4
     assert len(data.load_rows(tmp_path / "ultra")) == 9
     assert len(data.load_rows(tmp_path / "ultra", split="train_sft", max_rows=4)) == 4
+    # a row range, across shards, counted in good rows: a held-out slice of a dataset that has no test split
+    ranged = lambda split, **kw: [r["messages"][1]["content"] for r in data.load_rows(tmp_path / "ultra", split, **kw)]
+    assert ranged("train_sft[1:4]") == ["a1", "a2", "a3"]
+    assert ranged("train_sft[2:]", max_rows=2) == ["a2", "a3"]
+    assert ranged("train_sft[:2]", max_rows=5) == ["a0", "a1"]
     with pytest.raises(FileNotFoundError, match="split 'train_gen'"):
         data.load_rows(tmp_path / "ultra", split="train_gen")
     pq.write_table(_data_openmath_table(2), tmp_path / "om.parquet")
@@ -1007,6 +1014,8 @@ _DATA_HUB_SCRIPT = """
 import sys, data
 rows = data.load_rows("nvidia/OpenMathReasoning", max_rows=4)
 print("OM", [r["messages"][0]["content"] for r in rows])
+rows = data.load_rows("nvidia/OpenMathReasoning", split="cot[1:4]")
+print("OM-RANGE", [r["messages"][0]["content"] for r in rows])
 rows = data.load_rows("HuggingFaceH4/ultrachat_200k", split="test_sft")
 print("UC", [r["messages"][1]["content"] for r in rows])
 try:
@@ -1041,6 +1050,7 @@ def test_data_hub_ids_from_offline_cache(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "OM ['P0', 'P1', 'P2', 'P3']" in out.stdout
+    assert "OM-RANGE ['P1', 'P2', 'P3']" in out.stdout
     assert "UC ['a10', 'a11', 'a12']" in out.stdout
     assert "ALL ValueError" in out.stdout and "cot-00001-of-00002.parquet" in out.stdout
 
@@ -1175,7 +1185,9 @@ def test_data_toy_cli_is_deterministic_and_loads(tmp_path):
     assert len(train) == 300 and len(test) == 30
     assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in test}
     corpus = data.load_rows(tmp_path / "a" / "corpus.jsonl")
-    assert len(corpus) == 300 and all("text" in r and "<|im_start|>" not in r["text"] for r in corpus)
+    assert len(corpus) == 300 and all(isinstance(r["text"], str) for r in corpus)
+    chats = [r["text"] for r in corpus if "<|im_start|>" in r["text"]]  # raw models know the markup, not the task
+    assert 0 < len(chats) < len(corpus) and all("<|im_start|>user\nWhat is " in c for c in chats)
     raw = json.loads((tmp_path / "a" / "train.jsonl").read_text().splitlines()[0])
     assert raw["messages"][1]["content"].endswith(f"\\boxed{{{raw['answer']}}}.")
     # The chat template shipped in tokenizer_config.json renders like Qwen2.5's.
@@ -1791,3 +1803,69 @@ def test_eval_cli_bad_input_fails_before_any_work(_eval_env, tmp_path):
     fails(["--predictions", str(preds), *model_args], "--predictions scores saved replies")
     fails(["--model", str(root / "model")], "need --model and --data")
     fails([*model_args, "--data", str(root / "test.jsonl"), "--batch-size", "0"], "--batch-size must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reproduce.sh and README: the pipeline
+
+def _repro(*args, env=None, timeout=60):
+    result = subprocess.run(["bash", str(REPO / "reproduce.sh"), *args],
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _repro_commands(stdout, script):
+    """argv after `script` for every printed command that runs it (the launcher before it may be python or torchrun)."""
+    commands = [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+    return [argv[argv.index(script) + 1:] for argv in commands if script in argv]
+
+
+@pytest.mark.parametrize("args,env", [
+    (["--dry-run"], {}),
+    (["toy", "--quick", "--dry-run"], {}),
+    (["paper", "--dry-run"], {}),
+    (["paper", "--dry-run"], {"DATASET": "openmath", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}),
+])
+def test_reproduce_dry_run_commands_parse(args, env):
+    stdout = _repro(*args, env=env)
+    trains, evals = _repro_commands(stdout, "train.py"), _repro_commands(stdout, "evaluate.py")
+    parsed = [train.get_args(argv) for argv in trains]  # argparse exits on anything it does not accept
+    for argv in evals:
+        evaluate.get_args(argv)
+    students = [a for a in parsed if a.model == parsed[-1].model and not a.random_init]
+    assert sorted(a.loss for a in students) == ["deltakd", "deltakd", "fkl", "rkl", "sft", "sft"]
+    assert sorted(a.alpha for a in students if a.loss == "deltakd") == [0.0, 1.0]
+    assert len({a.max_steps for a in students}) == 1  # one step budget for every method
+    assert len(evals) == 1 + 7  # the SeqKD answers, then the teacher and six students
+    if "paper" in args:
+        assert all(line.startswith("+ torchrun") for line in stdout.splitlines()
+                   if "train.py" in line or "evaluate.py" in line)
+        if env.get("DATASET") == "openmath":  # held out: evaluation rows come after the training rows
+            splits = {a.split for a in parsed if a.split} | {evaluate.get_args(argv).split for argv in evals}
+            assert splits == {"cot[:128000]", "cot[128000:130000]"}
+
+
+def _repro_table(path):
+    rows = [line for line in Path(path).read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
+
+
+def test_reproduce_toy_quick_end_to_end_is_deterministic_and_resumes(tmp_path):
+    first = _repro("toy", "--quick", env={"OUT": str(tmp_path / "a")}, timeout=600)
+    table = _repro_table(tmp_path / "a" / "results.md")
+    assert list(table) == ["Teacher (SFT)", "SFT", "FKL", "RKL", "SeqKD", "Delta-KD", "Delta-KD, alpha=0"]
+    for method, (r1, r2, rl, steps) in table.items():
+        assert all(0.0 <= float(x) <= 1.0 for x in (r1, r2, rl)), method
+    assert {row[3] for name, row in table.items() if name != "Teacher (SFT)"} == {"30"}
+    assert table["FKL"] == table["Delta-KD, alpha=0"]  # alpha = 0 is forward KL, bit for bit
+    assert float(table["Teacher (SFT)"][0]) > float(table["SFT"][0])  # the teacher is the stronger model
+    # a rerun reuses every finished step and prints the same table
+    again = _repro("toy", "--quick", env={"OUT": str(tmp_path / "a")}, timeout=120)
+    assert not re.search(r"^\+ \S*python\S* (train|evaluate)\.py", again, re.M)
+    assert _repro_table(tmp_path / "a" / "results.md") == table
+    # and a second run from scratch gives the same table
+    _repro("toy", "--quick", "--fresh", env={"OUT": str(tmp_path / "b")}, timeout=600)
+    assert _repro_table(tmp_path / "b" / "results.md") == table
+    assert "| Method | R-1 | R-2 | R-L | steps |" in first

@@ -42,7 +42,8 @@ LOSSES = {  # how the paper's token-level methods fall out of delta_kd_loss
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--model", required=True, help="the model to train: a folder or a Hub id")
     g.add_argument("--teacher", help="the fine-tuned teacher (fkl, rkl, deltakd)")
@@ -57,7 +58,8 @@ def get_args(argv=None):
     g.add_argument("--lam", type=float, default=0.5, help="weight of the SFT term; the KD term gets 1 - lam")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
-    g.add_argument("--split", help="dataset split (default: train_sft for UltraChat, cot for OpenMathReasoning)")
+    g.add_argument("--split", help="dataset split, optionally with a row range like cot[:100000] (default: "
+                                   "train_sft for UltraChat, cot for OpenMathReasoning)")
     g.add_argument("--max-rows", type=int, help="read at most this many rows (downloads only the shards needed)")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
     g.add_argument("--max-len", type=int, default=2048, help="longest sequence in tokens; longer rows are cut")

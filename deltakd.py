@@ -21,6 +21,10 @@ Derivation (the numbers tag the lines of code that compute each step)
     one more log_softmax. No ratio of probabilities is ever formed: two tiny probabilities underflow to 0 / 0 = NaN in
     bf16 or at a low temperature, while their log-difference stays exact.
 
+    Where the temperature goes: each log pi differs from its logits / T by a per-position constant, which the final
+    log_softmax removes, so pi* = softmax((t_ft + alpha * (s_raw - t_raw)) / T). Tempering each model, or tempering
+    these "effective teacher logits" once, is the same thing.
+
 (4) alpha = 0 gives pi* = pi_t_ft: standard KD from the fine-tuned teacher. alpha = 1 gives
     pi* ∝ pi_s_raw * (pi_t_ft / pi_t_raw): the raw student moved by the teacher's whole SFT shift. Values in between
     interpolate geometrically.
@@ -38,48 +42,59 @@ Derivation (the numbers tag the lines of code that compute each step)
         d KL(pi* || q) / d s = (q - pi*) / T,          d KL(q || pi*) / d s = q * (log q - log pi* - KL(q || pi*)) / T,
         d CE / d s = softmax(s) - onehot(y).
 
-    For a large T the difference q - pi* itself shrinks like 1 / T (Hinton et al. 2015), so the KD gradient shrinks
-    like 1 / T^2; the factor T^2 keeps it on the scale of the CE gradient whatever the temperature. With it, the
-    forward-KL gradient is T * (q - pi*).
+    For T well above the spread of the logits, q - pi* itself shrinks like 1 / T (Hinton et al. 2015), so the KD
+    gradient shrinks like 1 / T^2; the factor T^2 keeps it on the scale of the CE gradient. With it, the forward-KL
+    gradient is T * (q - pi*). (Below T = 1 the same factor weighs the KD term down.)
 
 Vocabulary. All distributions are compared over the first `vocab_size` ids. Qwen2.5-7B has 152064 rows in its
 lm_head and Qwen2.5-1.5B 151936, but the tokenizer has 151665 ids: the rows past it are padding that no text ever
 produces. Pass the tokenizer length; the default is the smallest last dimension. The SFT term uses the same ids.
 
 Normalisation. The sum over positions is divided by `num_tokens`. Pass the global count of counted positions over
-every micro-batch of the optimizer step and every process: each call then returns its share, and the summed
-gradients equal those of the whole global batch in one piece. A mean of micro-batch means does not.
+every micro-batch of the optimizer step and every process: each call then returns its share, and the gradients summed
+over calls and processes equal those of the whole global batch in one piece. A mean of micro-batch means does not.
+DDP and FSDP average gradients over processes instead of summing them: pass num_tokens = global count / world size.
 
-Masked logits. -inf entries (masked vocab rows, or a teacher service that returns only its top-k) mean probability 0.
-Where pi_t_ft is 0, pi* is 0. In the raw log-ratio, -inf is replaced by _LOG_ZERO, a finite value far below any real
-log-probability, so that 0 / 0 counts as "no shift" instead of NaN.
+Masked logits. A -inf logit (a masked vocabulary row) means probability 0, and where pi_t_ft is 0, pi* is 0. In the
+raw log-ratio, -inf becomes _LOG_ZERO, a finite value far below any real log-probability, so that 0 / 0 counts as
+"no shift" instead of NaN; a raw model's 0 where pi_t_ft is not 0 makes the shift, and pi* there, overwhelming. So
+pass the raw models' full logits: fill a top-k service's missing entries with a finite floor, not -inf. With "rkl",
+student mass where pi* is 0 costs about 1e30: finite, and a sign that the target is wrong. A NaN anywhere stays NaN,
+for the trainer to see.
 
 Memory. The logits of a 152k vocabulary are the largest tensors of a KD step: 2048 positions in bf16 take 622 MB
 each, and upcasting four of them to fp32 with autograd keeps about 16 such sizes alive. Here positions are processed
 in chunks: each chunk is upcast, its loss and its gradient (6) are computed at once, and the gradient is written into
-one buffer shaped like the student logits that backward returns. The peak added is that buffer plus a few fp32
-chunks. To go further, fuse the lm_head matmul into the loop (as Liger's fused linear cross-entropy does): take the
-student's hidden states and lm_head weight, compute each chunk's logits h @ W.T inside the loop, and accumulate
-dh = g @ W and dW += g.T @ h, so the student's full logits never exist.
+one buffer shaped like the student logits that backward returns (fp32 for fp16 inputs, whose range is too small for
+it). The peak added is that buffer plus a few fp32 chunks; a plain loss.backward() hands the buffer over uncopied.
+To go further, fuse the lm_head matmul into the loop (as Liger's fused linear cross-entropy does): take the student's
+hidden states and lm_head weight, compute each chunk's logits h @ W.T inside the loop, and accumulate dh = g @ W and
+dW += g.T @ h, so the student's full logits never exist.
 """
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-_LOG_ZERO = -1e30  # stands in for log 0 in the raw log-ratio: finite, so -inf - -inf is not NaN, and alpha * it is.
+_LOG_ZERO = -1e30  # stands in for log 0: finite, so -inf - -inf is not NaN and 0 * log 0 is 0, while NaN stays NaN
 _CHUNK_BYTES = 16 * 2**20  # one fp32 (chunk, vocab) temporary; a handful are alive at once. Below glibc's 32 MiB
 # mmap threshold, so on the CPU each chunk reuses heap memory instead of faulting in fresh pages (4x faster here).
 
 
+@torch.compiler.disable  # the counted positions have a data-dependent count: one clean graph break under compile
 def delta_kd_loss(student_logits, labels, teacher_logits, teacher_raw_logits=None, student_raw_logits=None,
                   alpha=1.0, temperature=1.0, lam=0.5, divergence="fkl", ignore_index=-100, vocab_size=None,
                   num_tokens=None, *, chunk_size=None, return_parts=False):
     """lam * CE + (1 - lam) * T^2 * KL(pi* || softmax(s / T)), summed over counted positions and divided by num_tokens.
 
     Logits are [..., V] and `labels` has the same leading shape; logits[..., i, :] predicts labels[..., i] (the caller
-    has shifted). Only the student gets a gradient; the other logits are constants. teacher_logits may be None when
-    lam = 1 (SFT), and the raw logits may be None when alpha = 0 (standard KD). With return_parts=True the result is
-    (loss, {"sft": ..., "kd": ...}), the two terms normalised the same way as the loss, detached, for logging.
+    has shifted), and positions where labels == ignore_index count for neither term. Only the student gets a gradient;
+    the other logits are detached constants. teacher_logits may be None when lam = 1 (SFT), and the raw logits may be
+    None when alpha = 0 (standard KD). divergence="rkl" puts KL(q || pi*) in place of KL(pi* || q). vocab_size, by
+    default the smallest last dimension, cuts every input to its first ids; num_tokens, by default this call's count of
+    counted positions, divides the sum (see "Normalisation" above). chunk_size sets the positions per chunk (by default
+    as many as fit _CHUNK_BYTES). With return_parts=True the result is (loss, {"sft": ..., "kd": ...}), the two terms
+    normalised like the loss, detached, for logging.
     """
     # --- check the arguments, naming the one that is wrong
     if divergence not in ("fkl", "rkl"):
@@ -90,7 +105,7 @@ def delta_kd_loss(student_logits, labels, teacher_logits, teacher_raw_logits=Non
         raise ValueError(f"temperature must be positive, got {temperature}")
     if teacher_logits is None and lam != 1.0:
         raise ValueError("teacher_logits is None: only lam=1 (pure SFT) needs no teacher")
-    if alpha != 0.0 and teacher_logits is not None and (teacher_raw_logits is None or student_raw_logits is None):
+    if lam != 1.0 and alpha != 0.0 and (teacher_raw_logits is None or student_raw_logits is None):
         raise ValueError(f"alpha={alpha} needs teacher_raw_logits and student_raw_logits; pass alpha=0 for plain KD")
     logits = {"student_logits": student_logits, "teacher_logits": teacher_logits,
               "teacher_raw_logits": teacher_raw_logits, "student_raw_logits": student_raw_logits}
@@ -103,18 +118,23 @@ def delta_kd_loss(student_logits, labels, teacher_logits, teacher_raw_logits=Non
     for name, x in logits.items():
         if x.shape[-1] < vocab:
             raise ValueError(f"vocab_size={vocab} but {name} has only {x.shape[-1]} entries in its last dimension")
-    if alpha == 0.0 or teacher_logits is None:  # the raw models drop out of the target
-        teacher_raw_logits = student_raw_logits = None
 
-    loss, sft, kd = _DeltaKD.apply(student_logits, labels, teacher_logits, teacher_raw_logits, student_raw_logits,
-                                   float(alpha), float(temperature), float(lam), divergence, ignore_index, vocab,
-                                   num_tokens, chunk_size)
+    # --- the models that take part: none but the student at lam = 1, no raw models at alpha = 0
+    t, t_raw, s_raw = (None if x is None else x.detach() for x in (teacher_logits, teacher_raw_logits,
+                                                                     student_raw_logits))
+    if lam == 1.0:
+        t = None
+    if t is None or alpha == 0.0:
+        t_raw = s_raw = None
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad  # no gradient buffer in evaluation
+    loss, sft, kd = _DeltaKD.apply(student_logits, labels, t, t_raw, s_raw, float(alpha), float(temperature),
+                                   float(lam), divergence, ignore_index, vocab, num_tokens, chunk_size, need_grad)
     return (loss, {"sft": sft, "kd": kd}) if return_parts else loss
 
 
 def _chunk_log_probs(x, rows, vocab, dtype, temperature):
-    """log softmax(x / T) at the positions `rows`, over the first `vocab` ids, upcast: (C, V)."""
-    return F.log_softmax(x[rows][:, :vocab].to(dtype) / temperature, dim=-1)
+    """log softmax(x / T) at the positions `rows`, over the first `vocab` ids, upcast, -inf clamped: (C, V)."""
+    return F.log_softmax(x[rows][:, :vocab].to(dtype) / temperature, dim=-1).clamp_(min=_LOG_ZERO)
 
 
 class _DeltaKD(torch.autograd.Function):
@@ -122,48 +142,51 @@ class _DeltaKD(torch.autograd.Function):
     The forward of an autograd.Function runs without gradient tracking, so the target carries none."""
 
     @staticmethod
-    def forward(ctx, s, labels, t, t_raw, s_raw, alpha, T, lam, divergence, ignore_index, vocab, num_tokens, chunk):
+    def forward(ctx, s, labels, t, t_raw, s_raw, alpha, T, lam, divergence, ignore_index, vocab, num_tokens, chunk,
+                need_grad):
         counted = labels != ignore_index
         where = counted.nonzero(as_tuple=True)  # indices of the counted positions, one tensor per leading dim
         n = where[0].numel()
-        if n and (labels[counted].min() < 0 or labels[counted].max() >= vocab):
+        if n and not ((labels[counted] >= 0) & (labels[counted] < vocab)).all():
             raise ValueError(f"labels hold ids outside [0, vocab_size={vocab}) at counted positions")
         dtype = torch.promote_types(s.dtype, torch.float32)  # fp32 at least; float64 stays float64 for gradcheck
-        denom = torch.as_tensor(n if num_tokens is None else num_tokens, dtype=dtype, device=s.device).clamp(min=1)
-        grad = torch.zeros_like(s) if ctx.needs_input_grad[0] else None  # ids past vocab_size keep a zero gradient
+        denom = torch.as_tensor(n if num_tokens is None else num_tokens, dtype=dtype, device=s.device)
+        denom = denom.where(denom > 0, 1.0)  # nothing counted anywhere: the sums are 0, and so is the loss
+        # the gradient's dtype, except fp16, whose smallest values are too big for g / num_tokens
+        grad = torch.zeros_like(s, dtype=dtype if s.dtype == torch.float16 else s.dtype) if need_grad else None
         sft_sum = torch.zeros((), dtype=dtype, device=s.device)
         kd_sum = torch.zeros((), dtype=dtype, device=s.device)
         chunk = chunk or max(1, _CHUNK_BYTES // (4 * vocab))
 
         for start in range(0, n, chunk):
             rows = tuple(i[start:start + chunk] for i in where)
-            y = labels[rows]
+            y = labels[rows].long()
             if t is not None:
                 z = _chunk_log_probs(t, rows, vocab, dtype, T)  # (2) log pi_t_ft
                 if t_raw is not None:
-                    shift = (_chunk_log_probs(s_raw, rows, vocab, dtype, T).nan_to_num_(neginf=_LOG_ZERO)
-                             - _chunk_log_probs(t_raw, rows, vocab, dtype, T).nan_to_num_(neginf=_LOG_ZERO))
+                    shift = _chunk_log_probs(s_raw, rows, vocab, dtype, T) - _chunk_log_probs(t_raw, rows, vocab,
+                                                                                            dtype, T)
                     z += alpha * shift  # (2) z = log pi_t_ft + alpha * (log pi_s_raw - log pi_t_raw)
                     del shift
-                log_p = F.log_softmax(z, dim=-1).nan_to_num_(neginf=_LOG_ZERO)  # (3) log pi* = z - logsumexp(z)
+                log_p = F.log_softmax(z, dim=-1).clamp_(min=_LOG_ZERO)  # (3) log pi* = z - logsumexp(z)
                 del z
 
-            log_q = _chunk_log_probs(s, rows, vocab, dtype, T)  # log q = log softmax(s / T)
-            log_q1 = log_q if T == 1.0 else _chunk_log_probs(s, rows, vocab, dtype, 1.0)  # the SFT term is at T = 1
+            log_q = _chunk_log_probs(s, rows, vocab, dtype, T)  # (5) log q = log softmax(s / T)
+            log_q1 = log_q if T == 1.0 else _chunk_log_probs(s, rows, vocab, dtype, 1.0)  # (5) SFT is at T = 1
             sft_sum -= log_q1.gather(1, y[:, None]).sum()  # (5) CE = -log softmax(s)[y]
             g = log_q1.exp()  # (6) d CE / d s = softmax(s) ...
             g[torch.arange(len(y), device=g.device), y] -= 1.0  # (6) ... - onehot(y)
-            g *= lam
+            g *= lam  # (5) lam * CE
             del log_q1
 
             if t is not None:
-                q = log_q.exp()  # q = softmax(s / T)
+                q = log_q.exp()  # (5) q = softmax(s / T)
                 if divergence == "fkl":
-                    p = log_p.exp()  # pi*
+                    p = log_p.exp()  # (3) pi*
                     kd_sum += (p * (log_p - log_q)).sum()  # (5) KL(pi* || q) = sum pi* (log pi* - log q)
                     g += (1 - lam) * T * (q - p)  # (6) T^2 * (q - pi*) / T
                 else:
-                    log_ratio = log_q - log_p  # log q - log pi*
+                    log_ratio = log_q - log_p  # (5) log q - log pi*
                     kl = (q * log_ratio).sum(-1, keepdim=True)  # (5) KL(q || pi*) at each position
                     kd_sum += kl.sum()
                     g += (1 - lam) * T * q * (log_ratio - kl)  # (6) T^2 * q * (log q - log pi* - KL) / T
@@ -171,6 +194,7 @@ class _DeltaKD(torch.autograd.Function):
                 grad[rows + (slice(0, vocab),)] = (g / denom).to(grad.dtype)  # (5) the share of num_tokens
 
         ctx.save_for_backward(grad)  # freed by autograd right after backward, unless the graph is retained
+        ctx.input_dtype = s.dtype
         sft = sft_sum / denom
         kd = T * T * kd_sum / denom  # (5) T^2 * KL
         loss = lam * sft + (1 - lam) * kd  # (5) L = lam * SFT + (1 - lam) * T^2 * KL
@@ -178,8 +202,11 @@ class _DeltaKD(torch.autograd.Function):
         return loss, sft, kd
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_sft, _grad_kd):
         grad, = ctx.saved_tensors
-        if grad_loss.item() != 1.0:  # loss.backward() passes exactly 1: then the buffer is handed over, not copied
-            grad = grad * grad_loss.to(grad.dtype)
-        return (grad,) + (None,) * 12
+        if grad is None:  # the student needs no gradient
+            return (None,) * 14
+        if grad_loss.item() != 1.0:  # a plain loss.backward() passes exactly 1: the buffer is handed over uncopied
+            grad = grad * grad_loss  # a 0-dim fp32 factor: computed and kept in the buffer's dtype
+        return (grad.to(ctx.input_dtype),) + (None,) * 13

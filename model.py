@@ -6,6 +6,7 @@ SwiGLU, tied embeddings), and its modules carry the checkpoint's tensor names, s
 References: Qwen2 Technical Report (arXiv:2407.10671); RoFormer (arXiv:2104.09864); GQA (arXiv:2305.13245);
 transformers/models/qwen2/modeling_qwen2.py; nanoGPT and gpt-fast for the shape of the code.
 """
+import functools
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
 # copied next to the weights on save, and fetched with them from the Hub
@@ -86,16 +87,23 @@ class Qwen2Config:
                 "rope_scaling": None, "use_sliding_window": False, **asdict(self)}
 
 
+@functools.lru_cache
+def rope_inv_freq(head_dim, theta, device):
+    # made in fp32 on the CPU like transformers' buffer, so every device rotates by the same angles. Cached per device:
+    # the copy to a GPU waits for the GPU, and would otherwise happen in every forward
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+    return inv_freq.to(device)  # (D/2,)
+
+
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
-    # inv_freq is made on the CPU in fp32 like transformers' buffer, so every device rotates by the same angles
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    freqs = position_ids[:, None, :, None].float() * inv_freq.to(position_ids.device)  # (B, 1, T, D/2)
+    inv_freq = rope_inv_freq(head_dim, theta, position_ids.device)
+    freqs = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, D), broadcasts over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):  # x (B, H, T, D)
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # half-split rotation, as the checkpoints were trained
 
 
@@ -156,7 +164,7 @@ class Qwen2Attention(nn.Module):
         else:  # GQA: query head h reads K/V head h // n_rep, as transformers' repeat_kv
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=n_rep > 1).transpose(1, 2)  # (B, T, H, D)
-        return self.o_proj(y.reshape(B, T, -1))  # (B, T, H*D)
+        return self.o_proj(y.reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
 
 
 class Qwen2MLP(nn.Module):
@@ -210,7 +218,8 @@ class Qwen2(nn.Module):
         self.tie_weights()
 
     def tie_weights(self):
-        # to_empty() swaps meta parameters module by module, which unties a shared one: re-tie after it
+        # on a plain model, to_empty() gives each module its own new parameter, which unties the shared one: re-tie
+        # after it. Under FSDP2 the one DTensor stays registered in both modules, and this finds nothing to do
         if self.config.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -243,14 +252,18 @@ class Qwen2(nn.Module):
         model.name_or_path = str(path)
         return model.eval()
 
-    def save_pretrained(self, dir, state_dict=None, tokenizer_dir=None, max_shard_size=5 * 10**9):
-        dir = Path(dir)
-        if dir.exists() and not (dir.is_dir() and (not any(dir.iterdir()) or (dir / "config.json").exists())):
-            raise FileExistsError(f"{dir} exists and is not a checkpoint folder: refusing to replace it")
+    def save_pretrained(self, path, state_dict=None, tokenizer_dir=None, max_shard_size=5 * 10**9):
+        path = Path(path)
+        # it replaces an earlier checkpoint or an empty folder, never anything else
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} exists and is not a folder: refusing to replace it")
+        if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+            raise FileExistsError(f"{path} is a folder without config.json, not a checkpoint: refusing to replace it")
         if tokenizer_dir is not None and not Path(tokenizer_dir).exists():
             raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} does not exist")
-        src = tokenizer_dir or getattr(self, "name_or_path", None)
-        src = None if src is None else Path(src).parent if Path(src).is_file() else Path(src)  # folder of the files
+        src = tokenizer_dir or getattr(self, "name_or_path", None)  # where the tokenizer files are copied from
+        if src is not None:
+            src = Path(src).parent if Path(src).is_file() else Path(src)  # tokenizer.json's folder
         sd = {k: v.detach() for k, v in (self.state_dict() if state_dict is None else state_dict).items()
               if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}  # tied: stored once
         shards, size = [{}], 0
@@ -260,8 +273,8 @@ class Qwen2(nn.Module):
             shards[-1][name], size = t, size + t.nbytes
         dtype = next(t.dtype for t in sd.values() if t.is_floating_point())
 
-        dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dir.name}.tmp-", dir=dir.parent))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:  # everything goes into tmp, which is renamed at the end: no half checkpoint under the final name
             config = {**self.config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -278,11 +291,11 @@ class Qwen2(nn.Module):
                 if src is not None and (src / name).exists():
                     shutil.copyfile(src / name, tmp / name)
             # a folder cannot be renamed onto a non-empty one, so the old checkpoint steps aside first
-            old = dir.parent / f".{dir.name}.old-{os.getpid()}" if dir.exists() else None
-            if old is not None:
-                dir.rename(old)
-            tmp.rename(dir)
-            if old is not None:
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            if old.exists():
                 shutil.rmtree(old)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -304,15 +317,14 @@ class Qwen2(nn.Module):
             cfg, D = self.config, cos.size(-1)
             cache = torch.empty(cfg.num_hidden_layers, 2, B, cfg.num_key_value_heads, T + N, D, dtype=cos.dtype,
                                 device=dev)  # (L, 2, B, Hkv, T+N, D), allocated once, written in place
-            padded = attention_mask is not None and not attention_mask.all()
-            keys = torch.ones(B, T + N, dtype=torch.bool, device=dev)  # (B, T+N): which cache slots are real
-            if padded:
-                keys[:, :T] = attention_mask.bool()
+            keys = None  # (B, T+N): which cache slots hold real tokens, where some are padding
+            if attention_mask is not None and not attention_mask.all():
+                keys = F.pad(attention_mask.bool(), (0, N), value=True)
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             h = self.model(input_ids, cos[:, :, :T], sin[:, :, :T], attention_mask_4d(attention_mask), cache)
             for s in range(T, T + N):  # s: the slot being filled
                 if s > T:  # feed the previous token, sitting in slot s - 1
-                    mask = keys[:, None, None, :s] if padded else None  # (B, 1, 1, s)
+                    mask = None if keys is None else keys[:, None, None, :s]  # (B, 1, 1, s)
                     h = self.model(out[:, s - 1:s], cos[:, :, s - 1:s], sin[:, :, s - 1:s], mask, cache, s - 1)
                 tok = sample(self.lm_head(h[:, -1]), temperature, top_p, generator)  # (B,)
                 if eos is not None:
@@ -328,7 +340,7 @@ class Qwen2(nn.Module):
 def sample(logits, temperature, top_p, generator=None):
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p < 1:  # nucleus: the most likely tokens until their mass reaches top_p, at least one
         p, idx = probs.sort(dim=-1, descending=True)
         p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
@@ -386,10 +398,19 @@ def load_weights(model, path):
     if missing or unexpected or mismatched:
         raise ValueError(f"checkpoint {path} does not fit the model:\n  missing: {missing}\n"
                          f"  unexpected: {unexpected}\n  shape mismatch: {mismatched}")
+    placed = {str(p.placements): k for k, p in params.items()  # {placement: a parameter placed so}
+              if isinstance(p, DTensor) and p.placements != (Shard(0),)}
+    if placed:  # FSDP2's default sharding is the only one whose rows are found below
+        raise ValueError(f"load_weights reads DTensor parameters sharded (Shard(0),) on a 1-D mesh only: {placed}")
     for fname in sorted({f for f, _ in ckpt.values()}):
         with safe_open(path / fname, framework="pt") as f:
             for name in (k for k in f.keys() if k in params):  # one tensor in memory at a time
-                p, t = params[name], f.get_tensor(name)
-                if isinstance(p, DTensor):  # FSDP: every rank reads the whole tensor and keeps its own shard
-                    t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                p.copy_(t)
+                p = params[name]
+                if isinstance(p, DTensor):  # FSDP2: this rank reads only its own rows, split as torch.chunk splits
+                    rows = -(-p.shape[0] // p.device_mesh.size())  # ceil: the last ranks hold fewer rows, or none
+                    start = p.device_mesh.get_local_rank() * rows
+                    p = p.to_local()
+                    t = f.get_slice(name)[start:start + p.shape[0]]
+                else:
+                    t = f.get_tensor(name)
+                p.copy_(t.to(device=p.device, dtype=p.dtype))

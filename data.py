@@ -11,7 +11,9 @@
 References: the Qwen2.5 chat template (ChatML); HuggingFaceH4/ultrachat_200k; nvidia/OpenMathReasoning.
 """
 import argparse
+import itertools
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -28,7 +30,7 @@ DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assi
 ROLES = ("system", "user", "assistant")  # tool calls are not part of this project's data
 IGNORE = -100
 # Hub datasets we know: default split, and the only columns worth reading (OpenMathReasoning rows are large).
-ADAPTERS = {"HuggingFaceH4/ultrachat_200k": ("train_sft", ["messages"]),
+ADAPTERS = {"HuggingFaceH4/ultrachat_200k": ("train_sft", ["prompt_id", "messages"]),
             "nvidia/OpenMathReasoning": ("cot", ["problem", "generated_solution"])}
 
 # ---------------------------------------------------------------------------- tokenizer and encoding
@@ -84,47 +86,48 @@ def render_chat(messages, add_generation_prompt=False):
     return _render(messages, add_generation_prompt, need_assistant=False)[0]
 
 
-def _labelled(encoding, spans, max_len):
-    """Supervise every token that overlaps a span. A token can straddle the header: "assistant\\n" + a reply starting
-    with "\\n" makes one "\\n\\n" token; it carries the reply's first character, so it is supervised (transformers'
-    assistant mask, built with char_to_token, makes the same choice)."""
-    ids, labels, j = encoding.ids, [IGNORE] * len(encoding.ids), 0
-    for i, (start, end) in enumerate(encoding.offsets):  # offsets ascend: walk the spans alongside
-        while j < len(spans) and spans[j][1] <= start:
-            j += 1
-        if j < len(spans) and end > spans[j][0]:
-            labels[i] = ids[i]
+def _example(encoding, spans, tokenizer, max_len):
+    """{input_ids, labels} from the encoding of a chat (spans: the characters to supervise) or of a plain text (spans
+    None: all supervised, with <|endoftext|> appended so that the model learns where a document ends). A token can
+    straddle a span's start: "assistant\\n" + a reply starting with "\\n" makes one "\\n\\n" token. It carries the
+    reply's first character, so it is supervised: the rule transformers applies when a template has generation tags."""
+    ids = encoding.ids
+    if spans is None:
+        ids = ids + [tokenizer.token_to_id("<|endoftext|>")]
+        labels = ids
+    else:
+        labels, j = [], 0
+        for token, (start, end) in zip(ids, encoding.offsets):  # offsets ascend, so one pass over the spans
+            while j < len(spans) and spans[j][1] <= start:
+                j += 1
+            labels.append(token if j < len(spans) and end > spans[j][0] else IGNORE)
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}  # [:None] keeps everything
 
 
 def encode_chat(messages, tokenizer, max_len=None):
     text, spans = _render(messages)
-    return _labelled(tokenizer.encode(text, add_special_tokens=False), spans, max_len)
+    return _example(tokenizer.encode(text, add_special_tokens=False), spans, tokenizer, max_len)
+
+
+def encode_text(text, tokenizer, max_len=None):
+    return _example(tokenizer.encode(text, add_special_tokens=False), None, tokenizer, max_len)
 
 
 def encode_prompt(messages, tokenizer):
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    return tokenizer.encode(render_chat(messages[:last], add_generation_prompt=True), add_special_tokens=False).ids
-
-
-def encode_text(text, tokenizer, max_len=None):
-    ids = (tokenizer.encode(text, add_special_tokens=False).ids + [tokenizer.token_to_id("<|endoftext|>")])[:max_len]
-    return {"input_ids": ids, "labels": list(ids)}
+    text = render_chat(messages[:last], add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def build_examples(rows, tokenizer, max_len=None, chunk=1024):
     """Rows from load_rows -> examples {input_ids, labels} as int32 arrays (Python int lists of a 200k-row set would
     take tens of GB). encode_batch in chunks: fast, without holding every Encoding at once."""
-    examples, dropped, eot = [], 0, tokenizer.token_to_id("<|endoftext|>")
+    examples, dropped = [], 0
     for c in range(0, len(rows), chunk):
         rendered = [_render(r["messages"]) if "messages" in r else (r["text"], None) for r in rows[c:c + chunk]]
         encodings = tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-        for (_, spans), enc in zip(rendered, encodings):
-            if spans is None:  # plain text: all supervised, like encode_text
-                ids = (enc.ids + [eot])[:max_len]
-                ex = {"input_ids": ids, "labels": ids}
-            else:
-                ex = _labelled(enc, spans, max_len)
+        for (_, spans), encoding in zip(rendered, encodings):
+            ex = _example(encoding, spans, tokenizer, max_len)
             if all(label == IGNORE for label in ex["labels"]):
                 dropped += 1
             else:
@@ -141,113 +144,132 @@ def _split_matches(name, split):
     return split is None or re.match(rf"{re.escape(split)}[-.]", name.name) or split in name.parts[:-1]
 
 
-def _read_file(file, columns=None):
-    """Yield (where, id, row, problem) per row: the parsed row, or why this line could not be read."""
-    file, name = str(file), Path(file).name
-    if file.endswith(".parquet"):
+def read_file(file, columns=None):
+    """Yield (where, id, row, problem) per row: the parsed row, or why that line could not be read. A broken parquet
+    file or JSON list has no readable rows at all, so it fails even with skip_bad. evaluate.py reads with it too."""
+    file = Path(file)
+    raw = None if file.suffix == ".parquet" else file.read_bytes()
+    if raw is None:
         try:
             pf = pq.ParquetFile(file)
         except Exception as e:
             raise ValueError(f"{file}: not a readable parquet file ({e})") from e
-        if missing := [c for c in columns or [] if c not in pf.schema_arrow.names]:
+        missing = [c for c in columns or [] if c not in pf.schema_arrow.names]
+        if missing:
             raise ValueError(f"{file}: missing column(s) {', '.join(missing)}")
         rows = (row for batch in pf.iter_batches(batch_size=256, columns=columns) for row in batch.to_pylist())
-        yield from ((f"{file} row {n}", f"{name}:{n}", row, None) for n, row in enumerate(rows))
-        return
-    raw = Path(file).read_bytes()
-    if file.endswith(".json") and raw.lstrip().startswith(b"["):  # a list of rows; other .json files: JSON lines
+    elif file.suffix == ".json" and raw.lstrip().startswith(b"["):
         try:
             rows = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:  # the whole file is unusable: fail even with skip_bad
+        except UnicodeDecodeError as e:
             line = raw.count(b"\n", 0, e.start) + 1
             raise ValueError(f"{file}:{line}: invalid UTF-8 at byte {e.start}") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}:{e.lineno}: malformed JSON: {e.msg} at column {e.colno}") from e
-        yield from ((f"{file} row {n}", f"{name}:{n}", row, None) for n, row in enumerate(rows))
+    else:  # JSON lines, whatever the suffix. Not splitlines(): U+2028 and the like may sit inside a string.
+        for n, line in enumerate(raw.split(b"\n"), 1):
+            try:
+                text = line.decode("utf-8")
+                if text.strip():
+                    yield f"{file}:{n}", f"{file.name}:{n}", json.loads(text), None
+            except UnicodeDecodeError as e:
+                yield f"{file}:{n}", None, None, f"invalid UTF-8: byte {e.start} of the line"
+            except json.JSONDecodeError as e:
+                yield f"{file}:{n}", None, None, f"malformed JSON: {e.msg} at column {e.colno}"
         return
-    for n, line in enumerate(raw.split(b"\n"), 1):
-        try:
-            if (line := line.decode("utf-8")).strip():
-                yield f"{file}:{n}", f"{name}:{n}", json.loads(line), None
-        except UnicodeDecodeError as e:
-            yield f"{file}:{n}", None, None, f"invalid UTF-8: byte {e.start} of the line"
-        except json.JSONDecodeError as e:
-            yield f"{file}:{n}", None, None, f"malformed JSON: {e.msg} at column {e.colno}"
+    for n, row in enumerate(rows):
+        yield f"{file} row {n}", f"{file.name}:{n}", row, None
 
 
 def _hub_shards(repo, split):
+    """The dataset's parquet files for split, and whether that list came from the local cache."""
     try:
-        names = HfApi().list_repo_files(repo, repo_type="dataset")
+        names, cached = HfApi().list_repo_files(repo, repo_type="dataset"), False
     except Exception as e:  # offline (HF_HUB_OFFLINE=1) or no network: list the copy in the local HF cache
         try:
             root = Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
         except Exception:
             raise ConnectionError(f"cannot list the files of Hub dataset {repo} ({e}), and it is not cached") from e
-        names = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-    if not (shards := sorted(n for n in names if n.endswith(".parquet") and _split_matches(n, split))):
+        names, cached = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()], True
+        print(f"load_rows: the Hub did not answer, so the files of {repo} are listed from the local cache, which "
+              "holds only what earlier runs downloaded (with a row limit, only the shards they needed)")
+    shards = sorted(n for n in names if n.endswith(".parquet") and _split_matches(n, split))
+    if not shards:
         raise ValueError(f"Hub dataset {repo}: no parquet files for split {split!r}")
-    return shards
+    return shards, cached
 
 
 def _normalise(row, rid):
     """Any supported row shape -> ({"id", "messages"} or {"id", "text"}, None), or (None, why not)."""
     if not isinstance(row, dict):
         return None, f"bad row: expected an object, got {type(row).__name__}"
-    rid = str(row["id"]) if "id" in row else rid
-    pair = next(((q, a) for q, a in (("prompt", "response"), ("problem", "generated_solution"))  # OpenMathReasoning
-                 if q in row and a in row), None)
-    if "messages" in row or pair:
-        messages = row["messages"] if "messages" in row else \
-            [{"role": "user", "content": row[pair[0]]}, {"role": "assistant", "content": row[pair[1]]}]
-        if problem := _check_messages(messages):
+    rid = str(row.get("id", row.get("prompt_id", rid)))  # UltraChat names its rows by prompt_id
+    if "messages" not in row:
+        for question, answer in (("prompt", "response"), ("problem", "generated_solution")):  # 2nd: OpenMathReasoning
+            if question in row and answer in row:
+                row = {"messages": [{"role": "user", "content": row[question]},
+                                    {"role": "assistant", "content": row[answer]}]}
+                break
+    if "messages" in row:
+        problem = _check_messages(row["messages"])
+        if problem:
             return None, problem
-        return {"id": rid, "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}, None
+        return {"id": rid, "messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}, None
     if "text" in row:
-        return ({"id": rid, "text": row["text"]}, None) if isinstance(row["text"], str) else \
-            (None, "non-string content: field text")
+        if not isinstance(row["text"], str):
+            return None, "non-string content: field text"
+        return {"id": rid, "text": row["text"]}, None
     return None, f"bad row: none of messages, prompt+response, problem+generated_solution, text in {sorted(row)}"
 
 
 def load_rows(spec, split=None, max_rows=None, skip_bad=False):
-    """A split may end in a range of good rows, like "cot[:100000]" and "cot[100000:101000]": how a held-out slice of
-    a dataset without a test split (OpenMathReasoning) is named. Only the shards up to its end are downloaded."""
+    """Rows of a file, or of one split of a folder or Hub dataset. With split None: a Hub dataset's default split
+    (ADAPTERS, else "train"); a folder's "train" files if it has any (from a `python data.py toy` folder, train.jsonl
+    alone, not mixed with test.jsonl, corpus.jsonl and tokenizer.json), else all its files. A split may end in a range
+    of good rows, like "cot[100000:101000]": a held-out slice of a dataset without a test split (OpenMathReasoning).
+    Only the shards up to its end are downloaded."""
     split, first, last = re.fullmatch(r"(.*?)(?:\[(\d*):(\d*)\])?", split or "").groups()
-    first, split = int(first or 0), split or None
-    stop = min(int(last) if last else float("inf"), first + (max_rows or float("inf")))
-    path, suffixes = Path(spec), (".jsonl", ".json", ".parquet")
+    split, first = split or None, int(first or 0)
+    stop = min(int(last) if last else math.inf, first + max_rows if max_rows else math.inf)  # in good rows
+    path, suffixes, cached = Path(spec), (".jsonl", ".json", ".parquet"), False
     if path.is_file():
-        sources = [_read_file(path)]
+        sources = [read_file(path)]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.suffix in suffixes and _split_matches(p.relative_to(path), split))
+        files = sorted(p for p in path.rglob("*") if p.suffix in suffixes)
+        if split is None and any(_split_matches(p.relative_to(path), "train") for p in files):
+            split = "train"
+        files = [p for p in files if _split_matches(p.relative_to(path), split)]
         if not files:
-            raise FileNotFoundError(f"{path}: no .jsonl/.json/.parquet files"
-                                    + (f" for split {split!r}" if split else ""))
-        sources = map(_read_file, files)
+            raise FileNotFoundError(f"{path}: no .jsonl/.json/.parquet files for split {split!r}" if split
+                                    else f"{path}: no .jsonl/.json/.parquet files")
+        sources = map(read_file, files)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)) and path.suffix not in suffixes:
         default_split, columns = ADAPTERS.get(str(spec), ("train", None))
-        # A generator: shards download one at a time, and with max_rows only until there are enough rows.
-        sources = (_read_file(hf_hub_download(str(spec), shard, repo_type="dataset"), columns)
-                   for shard in _hub_shards(str(spec), split or default_split))
+        shards, cached = _hub_shards(str(spec), split or default_split)
+        # A generator: shards download one at a time, and with a row limit only until there are enough rows.
+        sources = (read_file(hf_hub_download(str(spec), s, repo_type="dataset"), columns) for s in shards)
     else:
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a Hub dataset id (owner/name)")
     rows, good, bad = [], 0, Counter()
-    for where, rid, row, problem in (item for source in sources for item in source):
+    for where, rid, row, problem in itertools.chain.from_iterable(sources):
         if problem is None:
             row, problem = _normalise(row, rid)
         if problem and not skip_bad:
             raise ValueError(f"{where}: {problem} (skip_bad=True skips bad rows)")
         if problem:
             bad[problem.split(":")[0]] += 1
-        else:
-            good += 1
-            if good > first:
-                rows.append(row)
-            if good == stop:  # stop before the next shard is fetched
-                break
+            continue
+        good += 1
+        if good > first:
+            rows.append(row)
+        if good == stop:  # stop before the next shard is fetched
+            break
     if bad:
         print(f"load_rows: skipped {sum(bad.values())} bad rows of {spec}: "
               + ", ".join(f"{n} {why}" for why, n in sorted(bad.items())))
+    if cached and good < stop < math.inf:  # a limit, not met: the listing may have missed shards
+        print(f"load_rows: {spec} gave {len(rows)} rows, fewer than the {stop - first} asked for; its files were "
+              "listed from the local cache, which may lack shards")
     if not rows:
         raise ValueError(f"{spec}: no usable rows")
     return rows
@@ -265,53 +287,46 @@ class Batches:
     Iterating runs to the end of the current epoch; state_dict() always names the next step, so resume is exact."""
 
     def __init__(self, examples, batch_size, micro_batch_size, rank=0, world_size=1, seed=0, pad_id=0):
+        if not examples:
+            raise ValueError("Batches: no examples")
+        if batch_size % world_size:
+            raise ValueError(f"Batches: batch_size {batch_size} is not divisible by world_size {world_size}")
         per_rank = batch_size // world_size
-        for bad, why in ((not examples, "no examples"),
-                         (batch_size % world_size, f"batch_size {batch_size} is not divisible by "
-                                                   f"world_size {world_size}"),
-                         (per_rank % micro_batch_size, f"batch_size / world_size = {per_rank} is not divisible by "
-                                                       f"micro_batch_size {micro_batch_size}"),
-                         (not 0 <= rank < world_size, f"rank {rank} is not in [0, world_size={world_size})")):
-            if bad:
-                raise ValueError(f"Batches: {why}")
-        self.examples, self.batch_size, self.per_rank, self.micro_batch_size = examples, batch_size, per_rank, \
-            micro_batch_size
-        self.rank, self.world_size, self.seed, self.pad_id = rank, world_size, seed, pad_id
+        if per_rank % micro_batch_size:
+            raise ValueError(f"Batches: batch_size / world_size = {per_rank} is not divisible by micro_batch_size "
+                             f"{micro_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"Batches: rank {rank} is not in [0, world_size={world_size})")
+        self.examples, self.batch_size, self.micro_batch_size, self.seed = examples, batch_size, micro_batch_size, seed
+        self.rank, self.world_size, self.per_rank, self.pad_id = rank, world_size, per_rank, pad_id
         self.steps_per_epoch = -(-len(examples) // batch_size)
         self.epoch = self.step = 0
-        self._perm = (None, None)
 
     def __len__(self):
         return self.steps_per_epoch
 
     def __iter__(self):
-        epoch = self.epoch
+        epoch, B, mbs = self.epoch, self.batch_size, self.micro_batch_size
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))  # the same on every rank
         while self.epoch == epoch:
-            batch = self._rank_step(self.epoch, self.step)
-            self.step += 1
+            mine = perm[self.step * B:(self.step + 1) * B][self.rank::self.world_size]
+            rows = [self.examples[i] for i in mine] + [None] * (self.per_rank - len(mine))  # None: a filler row
+            self.step += 1  # before the yield, so that state_dict() names the next step
             if self.step == self.steps_per_epoch:
-                self.epoch, self.step = self.epoch + 1, 0
-            yield batch
-
-    def _rank_step(self, epoch, step):
-        if self._perm[0] != epoch:  # a function of (seed, epoch) only, so every rank draws the same one
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.examples)))
-        mine = self._perm[1][step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size]
-        rows = [self.examples[i] for i in mine] + [None] * (self.per_rank - len(mine))
-        mbs = self.micro_batch_size
-        return [self._collate(rows[k:k + mbs]) for k in range(0, self.per_rank, mbs)]
+                self.epoch, self.step = epoch + 1, 0
+            yield [self._collate(rows[k:k + mbs]) for k in range(0, self.per_rank, mbs)]
 
     def _collate(self, rows):
-        T = -(-max(1 if r is None else len(r["input_ids"]) for r in rows) // 8) * 8  # fewer distinct shapes
+        lengths = [1 if r is None else len(r["input_ids"]) for r in rows]
+        T = -(-max(lengths) // 8) * 8  # rounded up: fewer distinct shapes for the kernels to tune and cache
         input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
         labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = 1 if r is None else len(r["input_ids"])  # None: a filler row
+        for i, (r, n) in enumerate(zip(rows, lengths)):
             attention_mask[i, :n] = 1
             if r is not None:
-                input_ids[i, :n] = torch.as_tensor(np.asarray(r["input_ids"], dtype=np.int64))
-                labels[i, :n] = torch.as_tensor(np.asarray(r["labels"], dtype=np.int64))
+                input_ids[i, :n] = torch.as_tensor(r["input_ids"])
+                labels[i, :n] = torch.as_tensor(r["labels"])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def state_dict(self):
@@ -331,7 +346,8 @@ NAMES = "Ava Ben Chloe Dev Emma Farid Grace Hugo Iris Jonas Kira Liam Maya Noah 
 ITEMS = "apples pencils stickers marbles books cookies stamps shells cards beads".split()
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
               r"|\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer: single digits, newline runs kept together
-# Qwen2.5's template without its tools branch, so that transformers' apply_chat_template works on the toy tokenizer.
+# Qwen2.5's template without its tools branch: this project has no tool calls. Shipped in the toy
+# tokenizer_config.json, so that transformers' apply_chat_template renders the toy chats as render_chat does.
 CHAT_TEMPLATE = ("{%- if not messages or messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n"
                  + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + "
                  "m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
@@ -420,7 +436,8 @@ def toy_corpus(n, seed=0):
 
 def _toy_sum(rng):
     x, op, y = rng.randint(1, 99), rng.choice("+-x"), rng.randint(1, 12)
-    return f"{x} {op} {y} = {x + y if op == '+' else x - y if op == '-' else x * y}."
+    value = {"+": x + y, "-": x - y, "x": x * y}[op]
+    return f"{x} {op} {y} = {value}."
 
 
 def train_toy_tokenizer(texts, vocab_size=768):

@@ -31,19 +31,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import encode_prompt, load_rows, load_tokenizer
+from data import encode_prompt, load_rows, load_tokenizer, read_file
 from model import Qwen2, Qwen2Config, resolve_model_dir
 
 # ----------------------------------------------------------------------------------------------------------------
 # Porter stemmer, NLTK_EXTENSIONS mode (the paper's algorithm plus Martin Porter's and NLTK's later fixes)
 
 # NLTK answers these from a table before running any step.
-_IRREGULAR = {
-    "skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie", "news": "news",
-    "innings": "inning", "inning": "inning", "outings": "outing", "outing": "outing",
-    "cannings": "canning", "canning": "canning", "howe": "howe",
-    "proceed": "proceed", "exceed": "exceed", "succeed": "succeed",
-}
+_IRREGULAR = {"skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie", "news": "news",
+              "innings": "inning", "inning": "inning", "outings": "outing", "outing": "outing", "howe": "howe",
+              "cannings": "canning", "canning": "canning", "proceed": "proceed", "exceed": "exceed",
+              "succeed": "succeed"}
 # Suffix -> replacement, tried in order; the first suffix that matches decides, even if its condition then fails.
 _STEP2 = [("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
           ("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"), ("ization", "ize"),
@@ -118,9 +116,8 @@ def _step2(word):
 
 
 def _step4(word):
-    def condition(stem, suffix):
-        return _measure(stem) > 1 and (suffix != "ion" or stem[-1] in "st")
-    return _apply_rules(word, _STEP4, condition)
+    return _apply_rules(word, _STEP4,
+                        lambda stem, suffix: _measure(stem) > 1 and (suffix != "ion" or stem[-1] in "st"))
 
 
 def _step5(word):
@@ -152,8 +149,7 @@ _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 
 
 def tokenize(text, use_stemmer=False):
-    """rouge-score's tokens: lowercased, split at anything but [a-z0-9] ("café" -> "caf"), words over 3 letters
-    stemmed."""
+    """rouge-score's tokens: lowercased, split at all but [a-z0-9] ("café" -> "caf"), words over 3 letters stemmed."""
     tokens = _NON_ALNUM.sub(" ", text.lower()).split()
     if use_stemmer:
         tokens = [porter_stem(t) if len(t) > 3 else t for t in tokens]
@@ -166,8 +162,7 @@ def _lcs_length(a, b):
     `v` holds one column of the classic DP table (rows: tokens of `a`) as differences: bit i is 0 where the column
     grows by one at row i, so the LCS is the number of zero bits. One addition per token of `b` updates the whole
     column (Hyyro 2004), and Python's big ints make a column any length. Carries above bit len(a) never reach the
-    lower bits, hence a single mask at the end.
-    """
+    lower bits, hence a single mask at the end."""
     if len(a) < len(b):
         a, b = b, a  # loop over the shorter list
     match = {}
@@ -183,8 +178,7 @@ def _lcs_length(a, b):
 
 def _scores(overlap, n_pred, n_ref):
     # rouge-score's conventions and operation order, so the floats match bit for bit.
-    p = overlap / max(n_pred, 1)
-    r = overlap / max(n_ref, 1)
+    p, r = overlap / max(n_pred, 1), overlap / max(n_ref, 1)
     return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
 
 
@@ -192,8 +186,7 @@ def rouge(prediction, reference, use_stemmer=False):
     """ROUGE-1, ROUGE-2 and ROUGE-L (precision, recall, F) of one prediction against one reference.
 
     Identical to rouge_score.rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer).score(reference,
-    prediction): precision is over the prediction's tokens, recall over the reference's; an empty side scores 0.
-    """
+    prediction): precision is over the prediction's tokens, recall over the reference's; an empty side scores 0."""
     pred, ref = tokenize(prediction, use_stemmer), tokenize(reference, use_stemmer)
     unigrams = sum((Counter(pred) & Counter(ref)).values())
     bigrams = sum((Counter(zip(pred, pred[1:])) & Counter(zip(ref, ref[1:]))).values())
@@ -208,10 +201,8 @@ def corpus_rouge(scores):
     """Corpus ROUGE from per-example rouge() results: the mean F over examples, per ROUGE type.
 
     MiniLLM and DistiLLM average the same way (their Natural-Instructions scoring script, times 100). rouge-score's
-    BootstrapAggregator reports instead the median of 1,000 bootstrap resample means (with a 95% interval around
-    it), which is random and can differ from the mean in the last digits.
-    math.fsum rounds exactly once, so the result does not depend on example order (one process or many).
-    """
+    BootstrapAggregator reports the median of 1,000 bootstrap resample means instead, which is random and can differ
+    from the mean in the last digits. math.fsum rounds once, so the result does not depend on the example order."""
     if not scores:
         raise ValueError("corpus_rouge: no scores to average")
     return {key: math.fsum(s[key][2] for s in scores) / len(scores) for key in ("rouge1", "rouge2", "rougeL")}
@@ -221,8 +212,7 @@ def corpus_rouge(scores):
 # Command line: generate replies with model.py to data.py's conversations, score them, write them out
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate each conversation's last assistant reply and score it by "
-                                "ROUGE-1/2/L against the data's, or score saved replies.",
+    p = argparse.ArgumentParser(description="Score a model's replies to conversations, or saved replies, by ROUGE.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="model folder or Hub id, with its tokenizer in the same folder")
     p.add_argument("--data", help="conversations: a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
@@ -240,14 +230,18 @@ def get_args(argv=None):
                    help="score this file's {prediction, reference, id (optional)} rows instead of generating: "
                         "another system's outputs, or SeqKD data")
     p.add_argument("--write-data", metavar="FILE.jsonl",
-                   help="also write the data's rows {id, messages} with each last assistant reply replaced by the "
-                        "model's, for SeqKD: train.py --data FILE.jsonl then fine-tunes on the model's replies")
+                   help="for SeqKD (train.py --data FILE.jsonl): also write the data's rows {id, messages} with "
+                        "the last assistant reply replaced by the model's (earlier ones keep their original text), "
+                        "leaving out the replies cut at --max-new-tokens")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    if args.predictions and (args.model or args.data or args.write_data):
-        sys.exit("error: --predictions scores saved replies: it takes no --model, --data or --write-data")
+    default = get_args([])  # every flag but --out serves generation, so with --predictions none may be given
+    given = [k for k, v in vars(args).items() if k not in ("predictions", "out") and v != getattr(default, k)]
+    if args.predictions and given:
+        sys.exit("error: --predictions scores saved replies: it takes no "
+                 + ", ".join(f"--{k.replace('_', '-')}" for k in given))
     if not args.predictions and not (args.model and args.data):
         sys.exit("error: need --model and --data, or --predictions FILE.jsonl")
     if args.predictions and not Path(args.predictions).is_file():
@@ -260,19 +254,15 @@ def check_args(args):
 
 
 def read_predictions(path):
-    """Every row of a predictions file, checked before any is scored."""
+    """Every row of a predictions file, checked before any is scored. data.py reads it: lines end at "\\n" only."""
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            sys.exit(f"error: {path}:{n}: malformed JSON: {e.msg} at column {e.colno}")
+    for where, rid, row, problem in read_file(path):
+        if problem:
+            sys.exit(f"error: {where}: {problem}")
         for field in ("prediction", "reference"):
             if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                sys.exit(f"error: {path}:{n}: missing field {field!r} (a string)")
-        rows.append({"id": str(row.pop("id", f"{Path(path).name}:{n}")), **row})  # the id data.py would give it
+                sys.exit(f"error: {where}: missing field {field!r} (a string)")
+        rows.append({"id": str(row.pop("id", rid)), **row})  # the id load_rows would give it
     if not rows:
         sys.exit(f"error: --predictions {path}: no rows")
     return rows
@@ -281,8 +271,8 @@ def read_predictions(path):
 def load_examples(args, tokenizer):
     try:
         rows = load_rows(args.data, split=args.split, max_rows=args.max_examples)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")  # data.py's messages name the file and line
+    except (OSError, ValueError) as e:  # data.py's messages name the file and line
+        sys.exit(f"error: {e}" + ("; pass --split, e.g. train or cot[100000:101000]" if "for split" in str(e) else ""))
     chats = [r for r in rows if "messages" in r]  # load_rows lets through only chats with an assistant turn
     if not chats:
         sys.exit(f"error: --data {args.data}: none of its {len(rows)} rows is a conversation with an assistant turn")
@@ -338,6 +328,22 @@ def write_results(records, out, **meta):
           f"{summary['mean_reference_tokens']:.1f}\nwrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
 
 
+def write_seqkd_data(path, examples, records):
+    """Each conversation with the model's reply in place of its last one, for SeqKD. A reply cut at --max-new-tokens
+    is left out: encode_chat supervises the <|im_end|> after it, which would teach stopping mid-solution."""
+    kept = [(ex, r) for ex, r in zip(examples, records) if r["finished"]]
+    if not kept:
+        sys.exit(f"error: --write-data: all {len(records)} replies were cut at --max-new-tokens; raise it")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ex, r in kept:
+            reply = {"role": "assistant", "content": r["prediction"]}
+            turns = [*r["messages"], reply, *ex["messages"][ex["last"] + 1:]]
+            f.write(json.dumps({"id": ex["id"], "messages": turns}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(kept)} conversations with the model's replies to {path}, left out {len(records) - len(kept)} "
+          f"of {len(records)} replies cut at --max-new-tokens")
+
+
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
@@ -386,14 +392,8 @@ def main(argv=None):
                for i, ex in enumerate(examples)]
     meta = {k: getattr(args, k) for k in ("model", "data", "split", "max_new_tokens", "temperature", "top_p", "seed")}
     write_results(records, Path(args.out), **meta, dtype=dtype, unfinished=sum(not r["finished"] for r in records))
-    if args.write_data:  # each conversation with the model's reply in place of its last one
-        Path(args.write_data).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.write_data, "w", encoding="utf-8") as f:
-            for ex, r in zip(examples, records):
-                reply = {"role": "assistant", "content": r["prediction"]}
-                turns = [*r["messages"], reply, *ex["messages"][ex["last"] + 1:]]
-                f.write(json.dumps({"id": ex["id"], "messages": turns}, ensure_ascii=False) + "\n")
-        print(f"wrote {len(records)} conversations with the model's replies to {args.write_data}")
+    if args.write_data:
+        write_seqkd_data(args.write_data, examples, records)
 
 
 if __name__ == "__main__":

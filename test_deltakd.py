@@ -31,10 +31,10 @@ import data
 import evaluate
 import train
 from deltakd import delta_kd_loss
-from evaluate import corpus_rouge, main, rouge, tokenize
+from evaluate import corpus_rouge, main, rouge, tokenize, write_seqkd_data
 from evaluate import corpus_rouge, porter_stem, rouge, tokenize
 from model import Qwen2, Qwen2Config
-from model import Qwen2, Qwen2Config, load_weights, resolve_model_dir, sample
+from model import Qwen2, Qwen2Config, load_weights, resolve_model_dir, rope_inv_freq, sample
 
 REPO = Path(__file__).resolve().parent
 
@@ -277,6 +277,109 @@ def test_loss_bad_arguments_are_named():
         delta_kd_loss(s, bad, t, t_raw, s_raw)
 
 
+def _loss_reference_log(s, labels, t, t_raw, s_raw, alpha, T, lam, ignore_index=-100):
+    """The same formula in float64 log space (a probability-space product underflows at logits of 1e4)."""
+    s, t, t_raw, s_raw = (x.detach().double() for x in (s, t, t_raw, s_raw))
+    keep = labels != ignore_index
+    log_p = torch.log_softmax(torch.log_softmax(t / T, -1) + alpha * (torch.log_softmax(s_raw / T, -1)
+                                                                      - torch.log_softmax(t_raw / T, -1)), -1)
+    log_q = torch.log_softmax(s / T, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ce = -torch.log_softmax(s, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    return ((lam * ce + (1 - lam) * T * T * kl) * keep).sum() / keep.sum()
+
+
+def test_loss_custom_ignore_index():
+    s, labels, t, t_raw, s_raw = _loss_inputs(extra=(0, 0, 0, 0))
+    labels[labels == -100] = -1
+    ours = delta_kd_loss(s, labels, t, t_raw, s_raw, temperature=2.0, ignore_index=-1)
+    torch.testing.assert_close(ours, _loss_reference_log(s, labels, t, t_raw, s_raw, 1.0, 2.0, 0.5, ignore_index=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_extreme_logits_match_float64_by_value(dtype):
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=8, vocab=10, extra=(0, 0, 0, 0), dtype=torch.float32)
+    big = lambda x: (x.detach() * 1e4 / 3).to(dtype)  # logits up to about +-1e4, exact in fp32, rounded in bf16
+    s, t, t_raw, s_raw = big(s).requires_grad_(), big(t), big(t_raw), big(s_raw)
+    for T in (1.0, 0.1):
+        ours = delta_kd_loss(s, labels, t, t_raw, s_raw, temperature=T)
+        expected = _loss_reference_log(s, labels, t, t_raw, s_raw, 1.0, T, 0.5)
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_loss_minus_inf_in_the_raw_student_gives_zero_target_mass():
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=6, vocab=8, extra=(0, 0, 0, 0), dtype=torch.float32)
+    s_raw[:, :3] = float("-inf")  # the raw student never says ids 0..2: pi* (alpha > 0) follows it
+    labels[:] = 4
+    loss = delta_kd_loss(s, labels, t, t_raw, s_raw, alpha=0.5, lam=0.0)
+    (grad,) = torch.autograd.grad(loss, s)
+    target = torch.softmax(s.detach(), -1) - grad * len(labels)  # q - (q - pi*) at T = 1, lam = 0
+    assert torch.isfinite(loss) and target[:, :3].abs().max() < 1e-6
+    torch.testing.assert_close(target.sum(-1), torch.ones(6))
+
+
+@pytest.mark.parametrize("which", ["teacher", "teacher_raw", "student_raw"])
+def test_loss_nan_in_a_frozen_model_gives_nan(which):
+    s, labels, t, t_raw, s_raw = _loss_inputs(extra=(0, 0, 0, 0))
+    frozen = {"teacher": t, "teacher_raw": t_raw, "student_raw": s_raw}
+    frozen[which][1, 3] = float("nan")  # row 1 is counted (labels[::4] are ignored)
+    assert torch.isnan(delta_kd_loss(s, labels, frozen["teacher"], frozen["teacher_raw"], frozen["student_raw"]))
+
+
+def test_loss_rkl_against_a_zero_mass_target_is_huge_but_finite():
+    s, labels, t, t_raw, s_raw = _loss_inputs(extra=(0, 0, 0, 0))
+    t[:, 0] = float("-inf")
+    loss = delta_kd_loss(s, labels, t, alpha=0.0, lam=0.0, divergence="rkl")
+    assert torch.isfinite(loss) and loss > 1e20
+
+
+def test_loss_default_chunking_splits_positions(monkeypatch):
+    import deltakd
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=23, dtype=torch.float32)
+    whole = delta_kd_loss(s, labels, t, t_raw, s_raw)
+    (g_whole,) = torch.autograd.grad(whole, s)
+    seen = []
+    chunk_log_probs = deltakd._chunk_log_probs
+    monkeypatch.setattr(deltakd, "_CHUNK_BYTES", 4 * 13 * 3)  # three positions of 13 fp32 log-probs per chunk
+    monkeypatch.setattr(deltakd, "_chunk_log_probs", lambda x, rows, *a: seen.append(len(rows[0])) or
+                        chunk_log_probs(x, rows, *a))
+    chunked = delta_kd_loss(s, labels, t, t_raw, s_raw)
+    (g_chunked,) = torch.autograd.grad(chunked, s)
+    assert max(seen) == 3 and len(seen) > 5
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(g_chunked, g_whole)
+
+
+def test_loss_fp16_gradient_survives_loss_scaling():
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=64, vocab=300, dtype=torch.float32)
+    expected = delta_kd_loss(s, labels, t, t_raw, s_raw)
+    (g_expected,) = torch.autograd.grad(expected, s)
+    half = [x.detach().half() for x in (s, t, t_raw, s_raw)]
+    half[0].requires_grad_()
+    loss = delta_kd_loss(half[0], labels, *half[1:])
+    (grad,) = torch.autograd.grad(loss * 65536, half[0])  # GradScaler's initial scale
+    assert grad.dtype == torch.float16 and torch.isfinite(grad).all()
+    assert (grad == 0).float().mean() < 0.05 + (g_expected == 0).float().mean()
+    torch.testing.assert_close(grad.float() / 65536, g_expected, rtol=2e-2, atol=1e-6)
+
+
+def test_loss_needs_no_gradient_buffer_in_evaluation_and_none_for_teachers():
+    s, labels, t, t_raw, s_raw = _loss_inputs()
+    with torch.no_grad():
+        assert not delta_kd_loss(s, labels, t, t_raw, s_raw).requires_grad
+    t = t.clone().requires_grad_()  # a teacher that forgot no_grad: it is a constant all the same
+    loss = delta_kd_loss(s, labels, t, t_raw, s_raw)
+    (2 * loss).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_loss_negative_label_is_refused():
+    s, labels, t, t_raw, s_raw = _loss_inputs()
+    labels[1] = -5
+    with pytest.raises(ValueError, match="labels hold ids outside"):
+        delta_kd_loss(s, labels, t, t_raw, s_raw)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # model.py: Qwen2, against transformers' Qwen2ForCausalLM
 
@@ -402,6 +505,15 @@ def test_model_generation_eos_fill_and_early_stop(tmp_path):
     # the returned ids can be trained on (not inference tensors)
     assert not out.is_inference()
     ours(out).sum().backward()
+
+
+def test_model_rope_frequencies_are_made_once(tmp_path):
+    ours, _ = _model_pair(tmp_path, "tied-gqa")
+    rope_inv_freq.cache_clear()
+    ours.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)  # made first under inference mode,
+    ours(torch.tensor([[1, 2, 3]])).sum().backward()  # then serves training
+    info = rope_inv_freq.cache_info()
+    assert (info.misses, info.hits) == (1, 1)  # generate() computes cos/sin once for the whole call
 
 
 def test_model_sampling(tmp_path):
@@ -640,6 +752,59 @@ def test_model_init_weights_on_meta(tmp_path):
     assert abs(m.model.embed_tokens.weight.std().item() - 0.05) < 0.005
     assert (m.model.layers[1].self_attn.q_proj.bias == 0).all() and (m.model.norm.weight == 1).all()
     assert torch.isfinite(m(torch.tensor([[1, 2, 3]]))).all()
+
+
+_MODEL_FSDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
+from model import Qwen2, Qwen2Config, load_weights
+
+mesh = init_device_mesh("cpu", (2,))
+for name, dtype in (("tied", torch.float32), ("untied", torch.bfloat16)):  # bf16 from an fp32 file: a cast
+    path = f"{sys.argv[1]}/{name}"
+    full = Qwen2.from_pretrained(path, dtype=dtype).state_dict()
+    for placement in (Shard(0), Shard(1)):
+        with torch.device("meta"):
+            m = Qwen2(Qwen2Config.from_json(path)).to(dtype)
+        for module in [*m.model.layers, m]:  # as train.py shards, optionally by columns where they split evenly
+            fully_shard(module, mesh=mesh,
+                        shard_placement_fn=lambda p: placement if p.ndim == 2 and p.shape[1] % 2 == 0 else Shard(0))
+        m.to_empty(device="cpu")
+        m.tie_weights()
+        assert (m.lm_head.weight is m.model.embed_tokens.weight) == (name == "tied")
+        if placement == Shard(1):
+            try:
+                load_weights(m, path)
+                raise AssertionError("column shards loaded")
+            except ValueError as e:
+                assert "Shard(dim=1)" in str(e) and "1-D mesh only" in str(e), e
+            continue
+        load_weights(m, path)
+        shards = m.state_dict()
+        assert shards.keys() == full.keys()
+        for k, p in shards.items():  # the gathered shards are exactly the plain model's tensors
+            assert p.to_local().dtype == dtype and torch.equal(p.full_tensor(), full[k]), k
+        assert m.model.embed_tokens.weight.to_local().shape[0] == (49, 48)[mesh.get_local_rank()]
+print("ok")
+"""
+
+
+def test_model_load_weights_into_fsdp2_shards(tmp_path):
+    """Each rank reads only its rows of each tensor; gathered, they are the plain model's weights bit for bit."""
+    for name, tie in (("tied", True), ("untied", False)):  # vocab 97 and intermediate 45 do not split evenly
+        cfg = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=45, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=tie)
+        m = Qwen2(cfg)
+        m.init_weights(torch.Generator().manual_seed(0))
+        m.save_pretrained(tmp_path / name)
+    (tmp_path / "load.py").write_text(_MODEL_FSDP_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "load.py"), str(tmp_path), str(REPO)],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "ok"], r.stdout[-3000:] + r.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -984,6 +1149,7 @@ def test_data_parquet_json_and_folders(tmp_path):
     pq.write_table(_data_ultrachat_table(4, 100), folder / "test_sft-00000-of-00001-abc.parquet")
     rows = data.load_rows(tmp_path / "ultra", split="train_sft")
     assert [r["messages"][1]["content"] for r in rows] == ["a0", "a1", "a2", "a3", "a4"]
+    assert [r["id"] for r in rows] == ["p0", "p1", "p2", "p3", "p4"]  # UltraChat's prompt_id names its rows
     assert rows[0]["messages"] == [_data_u("user", "q0"), _data_u("assistant", "a0")]
     assert len(data.load_rows(tmp_path / "ultra", split="test_sft")) == 4
     assert len(data.load_rows(tmp_path / "ultra")) == 9
@@ -1010,6 +1176,18 @@ def test_data_parquet_json_and_folders(tmp_path):
         data.load_rows(tmp_path / "missing.jsonl")
 
 
+def test_data_folder_without_split_reads_train(tmp_path, _data_toy):
+    """A folder as `python data.py toy` writes it: without a split, load_rows reads train.jsonl only, not the
+    tokenizer's JSON nor the test and corpus rows."""
+    shutil.copy(_data_toy[0] / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}, indent=2))
+    _data_write_jsonl(tmp_path / "train.jsonl", [{"id": "tr", **_DATA_GOOD}])
+    _data_write_jsonl(tmp_path / "test.jsonl", [{"id": "te", **_DATA_GOOD}])
+    _data_write_jsonl(tmp_path / "corpus.jsonl", [{"id": "co", "text": "1 + 1 = 2."}])
+    assert [r["id"] for r in data.load_rows(tmp_path)] == ["tr"]
+    assert [r["id"] for r in data.load_rows(tmp_path, split="test")] == ["te"]
+
+
 _DATA_HUB_SCRIPT = """
 import sys, data
 rows = data.load_rows("nvidia/OpenMathReasoning", max_rows=4)
@@ -1017,7 +1195,8 @@ print("OM", [r["messages"][0]["content"] for r in rows])
 rows = data.load_rows("nvidia/OpenMathReasoning", split="cot[1:4]")
 print("OM-RANGE", [r["messages"][0]["content"] for r in rows])
 rows = data.load_rows("HuggingFaceH4/ultrachat_200k", split="test_sft")
-print("UC", [r["messages"][1]["content"] for r in rows])
+print("UC", [r["messages"][1]["content"] for r in rows], [r["id"] for r in rows])
+print("UC-LIMIT", len(data.load_rows("HuggingFaceH4/ultrachat_200k", split="test_sft", max_rows=10)))
 try:
     data.load_rows("nvidia/OpenMathReasoning")
 except Exception as e:
@@ -1051,8 +1230,16 @@ def test_data_hub_ids_from_offline_cache(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "OM ['P0', 'P1', 'P2', 'P3']" in out.stdout
     assert "OM-RANGE ['P1', 'P2', 'P3']" in out.stdout
-    assert "UC ['a10', 'a11', 'a12']" in out.stdout
+    assert "UC ['a10', 'a11', 'a12'] ['p10', 'p11', 'p12']" in out.stdout  # ids: UltraChat's prompt_id
     assert "ALL ValueError" in out.stdout and "cot-00001-of-00002.parquet" in out.stdout
+    # A cached copy may hold only the shards an earlier run with a row limit needed: say where the list came from,
+    # and say so again when a limit then finds fewer rows than it asked for (and only then).
+    lines = out.stdout.splitlines()
+    short = [line for line in lines if "fewer than" in line]
+    assert sum("local cache" in line for line in lines if line not in short) == 5  # one per load_rows call
+    assert "UC-LIMIT 3" in out.stdout
+    assert len(short) == 1 and "HuggingFaceH4/ultrachat_200k" in short[0] and "3 rows" in short[0]
+    assert "local cache" in short[0]
 
 
 # ---------------------------------------------------------------------------- batches
@@ -1513,7 +1700,7 @@ def test_train_sft_loss_decreases(_train_world, tmp_path):
 def test_train_same_update_for_any_world_size_and_micro_batch(_train_world, tmp_path):
     common = ["--batch-size", "8", "--max-steps", "3", "--dtype", "fp32", "--temperature", "2", "--lam", "0.3"]
     _train_run(_train_world, tmp_path / "one", *common, "--micro-batch-size", "2")
-    _train_run(_train_world, tmp_path / "two", *common, "--micro-batch-size", "4", nproc=2)
+    _train_run(_train_world, tmp_path / "two", *common, "--micro-batch-size", "4", "--grad-ckpt", nproc=2)
     one, two = _train_weights(tmp_path / "one" / "final"), _train_weights(tmp_path / "two" / "final")
     start = _train_weights(_train_world["student"])
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # the steps did move the weights
@@ -1522,9 +1709,9 @@ def test_train_same_update_for_any_world_size_and_micro_batch(_train_world, tmp_
 
 def test_train_resume_gives_identical_weights(_train_world, tmp_path):
     out = tmp_path / "run"
-    args = ["--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "5", "--save-every", "2",
+    args = ["--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5", "--save-every", "2",
             "--warmup-steps", "2"]
-    _train_run(_train_world, out, *args)
+    _train_run(_train_world, out, *args, nproc=2)
     reference = _train_weights(out / "final")
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-4", "step-5"]  # the newest two are kept
@@ -1532,11 +1719,17 @@ def test_train_resume_gives_identical_weights(_train_world, tmp_path):
     shutil.rmtree(ckpts / "step-5")
     shutil.copytree(ckpts / "step-4", ckpts / "step-6.tmp")  # an interrupted save: never taken for a checkpoint
     (ckpts / "step-6.tmp" / "trainer_state.json").unlink()
-    result = _train_run(_train_world, out, *args)
+    result = _train_run(_train_world, out, *args, nproc=2)
     assert "resuming from" in result.stdout and "step-4 at step 4" in result.stdout
     resumed = _train_weights(out / "final")
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
     assert [r["step"] for r in _train_metrics(out)] == [1, 2, 3, 4, 5, 5]
+    # a checkpoint written by two processes resumes on one: DCP reshards it
+    shutil.rmtree(out / "final")
+    shutil.rmtree(ckpts / "step-5")
+    _train_run(_train_world, out, *args)
+    one = _train_weights(out / "final")
+    assert max((one[k] - reference[k]).abs().max().item() for k in reference) < 1e-5
 
 
 def test_train_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(_train_world, tmp_path):
@@ -1673,7 +1866,8 @@ def _eval_run(root, out, *args, torchrun=False, max_new_tokens=24):
 
 
 def _eval_read(out):
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    text = (out / "predictions.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.split("\n") if line]  # not splitlines(): U+2028 may be in a reply
     return rows, json.loads((out / "summary.json").read_text())
 
 
@@ -1760,9 +1954,11 @@ def test_eval_cli_scores_saved_predictions(_eval_env, tmp_path):
 
 def test_eval_cli_write_data_loads_for_training(_eval_env):
     rows, _ = _eval_read(_eval_env["ref"])
+    finished = [(r, c) for r, c in zip(rows, _eval_env["chats"]) if r["finished"]]
+    assert finished and f"left out {len(rows) - len(finished)} of {len(rows)}" in _eval_env["stdout"]
     written = data.load_rows(_eval_env["root"] / "seqkd.jsonl")
-    assert [w["id"] for w in written] == [c["id"] for c in _eval_env["chats"]]
-    for w, r, c in zip(written, rows, _eval_env["chats"]):
+    assert [w["id"] for w in written] == [c["id"] for _, c in finished]
+    for w, (r, c) in zip(written, finished):
         last = max(i for i, m in enumerate(c["messages"]) if m["role"] == "assistant")
         assert w["messages"] == [*c["messages"][:last], {"role": "assistant", "content": r["prediction"]},
                                  *c["messages"][last + 1:]]
@@ -1770,7 +1966,47 @@ def test_eval_cli_write_data_loads_for_training(_eval_env):
     tokenizer = data.load_tokenizer(_eval_env["root"] / "model")
     assert data.build_examples(written, tokenizer)
     assert [data.encode_prompt(w["messages"], tokenizer) for w in written] == \
-        [data.encode_prompt(c["messages"], tokenizer) for c in _eval_env["chats"]]
+        [data.encode_prompt(c["messages"], tokenizer) for _, c in finished]
+
+
+def test_eval_write_data_leaves_out_replies_cut_at_max_new_tokens(tmp_path, capsys):
+    """A reply cut at --max-new-tokens would teach the student to close its reply (the supervised <|im_end|>) in the
+    middle of a solution, so SeqKD data keeps finished replies only. Only the last reply is the model's."""
+    chats = [[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+              {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}],
+             [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}],
+             [{"role": "user", "content": "q4"}, {"role": "assistant", "content": "a4"},
+              {"role": "user", "content": "thanks"}]]
+    examples = [{"id": f"c{k}", "messages": m, "last": max(i for i, t in enumerate(m) if t["role"] == "assistant")}
+                for k, m in enumerate(chats)]
+    records = [{"messages": ex["messages"][:ex["last"]], "prediction": f"model {k}", "finished": k != 1}
+               for k, ex in enumerate(examples)]
+    write_seqkd_data(tmp_path / "seqkd.jsonl", examples, records)
+    assert "left out 1 of 3 replies cut at --max-new-tokens" in capsys.readouterr().out
+    assert data.load_rows(tmp_path / "seqkd.jsonl") == [
+        {"id": "c0", "messages": [*chats[0][:3], {"role": "assistant", "content": "model 0"}]},
+        {"id": "c2", "messages": [chats[2][0], {"role": "assistant", "content": "model 2"}, chats[2][2]]}]
+    with pytest.raises(SystemExit, match="all 3 replies were cut at --max-new-tokens"):  # not an empty training set
+        write_seqkd_data(tmp_path / "none.jsonl", examples, [{**r, "finished": False} for r in records])
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_eval_predictions_read_back_with_unicode_line_breaks(tmp_path):
+    """predictions.jsonl keeps U+2028, U+2029 and U+0085 raw (ensure_ascii=False); they are not line ends, so
+    --predictions reads our own output back. Bytes that are not UTF-8 are an error, not silently replaced."""
+    odd = "line\u2028sep para\u2029sep next\x85line"
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"id": "u", "prediction": odd, "reference": "line sep"},
+                                                   ensure_ascii=False) + "\r\n", encoding="utf-8")
+    main(["--predictions", str(tmp_path / "odd.jsonl"), "--out", str(tmp_path / "a")])
+    assert "\u2028" in (tmp_path / "a" / "predictions.jsonl").read_text(encoding="utf-8")  # still raw
+    main(["--predictions", str(tmp_path / "a" / "predictions.jsonl"), "--out", str(tmp_path / "b")])
+    rows, _ = _eval_read(tmp_path / "b")
+    assert rows == _eval_read(tmp_path / "a")[0] and rows[0]["prediction"] == odd
+    (tmp_path / "bad.jsonl").write_bytes(json.dumps({"prediction": "x", "reference": "y"}).encode() + b"\n"
+                                         + b'{"prediction": "caf\xe9", "reference": "y"}\n')
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: invalid UTF-8"):
+        main(["--predictions", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
 
 
 def test_eval_cli_bad_input_fails_before_any_work(_eval_env, tmp_path):
@@ -1801,6 +2037,12 @@ def test_eval_cli_bad_input_fails_before_any_work(_eval_env, tmp_path):
     preds.write_text(json.dumps({"prediction": "x", "reference": "y"}) + "\n{not json\n")
     fails(["--predictions", str(preds), "--out", str(out)], r"preds\.jsonl:2: malformed JSON")
     fails(["--predictions", str(preds), *model_args], "--predictions scores saved replies")
+    fails(["--predictions", str(preds), "--out", str(out), "--split", "test", "--max-new-tokens", "9"],
+          "--predictions scores saved replies: it takes no --split, --max-new-tokens")
+    folder = tmp_path / "folder"  # a folder without the default split, test_sft: the error shows how to name one
+    folder.mkdir()
+    shutil.copy(root / "test.jsonl", folder / "train.jsonl")
+    fails([*model_args, "--data", str(folder)], r"split 'test_sft'.*pass --split, e\.g\. .*\[100000:101000\]")
     fails(["--model", str(root / "model")], "need --model and --data")
     fails([*model_args, "--data", str(root / "test.jsonl"), "--batch-size", "0"], "--batch-size must be at least 1")
 

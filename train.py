@@ -11,6 +11,7 @@ update whatever the number of processes and the micro-batch size. References: to
 nanochat (the loop), Delta-KD (arXiv:2509.14526).
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -75,7 +76,8 @@ def get_args(argv=None):
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
     g.add_argument("--seed", type=int, default=0, help="seeds the data order and --random-init")
     g = p.add_argument_group("output and runtime")
-    g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/step-N/, final/")
+    g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/step-N/, final/; with "
+                                                "several nodes, on a filesystem that every node sees")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
     g.add_argument("--log-every", type=int, default=10, help="log every N steps")
@@ -115,9 +117,10 @@ def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=Fa
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    model.to_empty(device=mesh.device_type)
-    model.tie_weights()
+    # The root keeps its parameters (embeddings, lm_head) gathered after forward by default, for the backward that
+    # follows at once; a frozen model has no backward, so it gives them back.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True)
+    model.to_empty(device=mesh.device_type)  # FSDP2 keeps a tied lm_head tied through to_empty
     if not trainable:
         model.requires_grad_(False).eval()
     model.name_or_path = str(model_dir)
@@ -139,7 +142,9 @@ def save_checkpoint(out, step, model, optimizer, batches, args, rank):
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)  # sharded: each rank writes its own part
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(torch.get_rng_state(), tmp / f"rng-rank{rank}.pt")
+    # nothing in this loop draws random numbers; saved so that a fork adding dropout still resumes exactly
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng-rank{rank}.pt")
     dist.barrier()
     if rank == 0:
         state = {"step": step, "data": batches.state_dict(), "args": vars(args)}
@@ -162,8 +167,11 @@ def load_checkpoint(path, model, optimizer, batches, rank):
     batches.load_state_dict(state["data"])
     rng = path / f"rng-rank{rank}.pt"
     if rng.exists():  # absent when resuming on more processes than saved
-        torch.set_rng_state(torch.load(rng))
-    return state["step"]
+        rng = torch.load(rng)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
 
 
 def lr_at(step, args, total_steps):
@@ -171,15 +179,16 @@ def lr_at(step, args, total_steps):
     no scheduler state."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    progress = (step - args.warmup_steps) / max(1, total_steps - 1 - args.warmup_steps)
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def main(argv=None):
     args = get_args(argv)
 
-    # --- everything that can be wrong with the command, before any process group, weight or row is touched
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    # --- everything that can be wrong with the command or the data, before any process group or weight
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    check_args(args, world)
     dirs = {k: resolve_model_dir(v) for k, v in (("model", args.model), ("teacher", args.teacher),
                                                   ("teacher_raw", args.teacher_raw)) if v}  # Hub: cached download
     tokenizer = load_tokenizer(dirs["model"])
@@ -188,37 +197,39 @@ def main(argv=None):
         if name in dirs and load_tokenizer(dirs[name]).get_vocab(True) != tokenizer.get_vocab(True):
             sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} has a different tokenizer from "
                      f"--model {args.model}: token-level KD compares distributions over the same ids")
+    try:
+        rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --data {args.data}: {e}")  # data.py's message names the file and line
+    examples = build_examples(rows, tokenizer, args.max_len)
+    batches = Batches(examples, args.batch_size, args.micro_batch_size, rank, world, args.seed,
+                      pad_id=tokenizer.token_to_id("<|endoftext|>"))  # the same global batches for any world size
+    total_steps = args.max_steps or math.ceil(args.epochs * len(batches))
 
     # --- processes: torchrun sets RANK and WORLD_SIZE; a plain `python train.py` is a world of one, on the same path
     cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    # rank 0 alone gathers and writes the final export while the others wait: give it an hour, not NCCL's 10 minutes
+    pg = dict(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1),
+              device_id=device if cuda else None)
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(**pg)
     else:
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        dist.init_process_group(**pg, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device.type, (world,))
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     log = print if rank == 0 else lambda *a, **k: None
     out = Path(args.out)
     if args.random_init:  # rank 0 writes the initial weights once, so every rank and every rerun loads the same ones
-        init_dir = out / "init"
-        if rank == 0 and not init_dir.exists():
+        if rank == 0 and not (out / "init").exists():
             torch.manual_seed(args.seed)
             init = Qwen2(Qwen2Config.from_json(dirs["model"]))
             init.init_weights()
-            init.save_pretrained(init_dir, tokenizer_dir=dirs["model"])
+            init.save_pretrained(out / "init", tokenizer_dir=dirs["model"])
         dist.barrier()
-        dirs["model"] = init_dir
-
-    # --- data: the same global batches whatever the world size
-    rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows)
-    examples = build_examples(rows, tokenizer, args.max_len)
-    batches = Batches(examples, args.batch_size, args.micro_batch_size, rank, world, args.seed,
-                      pad_id=tokenizer.token_to_id("<|endoftext|>"))
-    total_steps = args.max_steps or math.ceil(args.epochs * len(batches))
+        dirs["model"] = out / "init"
 
     # --- models: the student trains in fp32 master weights; the frozen ones are stored in the compute dtype
     student = build(dirs["model"], mesh, compute_dtype, torch.float32, trainable=True, grad_ckpt=args.grad_ckpt)
@@ -236,10 +247,18 @@ def main(argv=None):
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                                   fused=cuda)
 
-    step, resume = 0, checkpoints(out)
-    if resume:
-        step = load_checkpoint(resume[-1], student, optimizer, batches, rank)
-        log(f"resuming from {resume[-1]} at step {step}")
+    # rank 0 decides whether to resume: every rank must take the same branch, or the collectives below hang
+    found = checkpoints(out) if rank == 0 else []
+    resume = [found[-1] if found else None]
+    dist.broadcast_object_list(resume, src=0)
+    step = 0
+    if resume[0]:
+        state = load_checkpoint(resume[0], student, optimizer, batches, rank)
+        step = state["step"]
+        log(f"resuming from {resume[0]} at step {step}")
+        changed = {k: (v, vars(args)[k]) for k, v in state["args"].items() if vars(args).get(k, v) != v}
+        if changed:
+            log(f"warning: these arguments differ from the checkpoint's (saved, now): {changed}")
     else:
         load_weights(student, dirs["model"])
 
@@ -250,42 +269,49 @@ def main(argv=None):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     loss_kwargs = {"alpha": args.alpha, "temperature": args.temperature, "lam": args.lam, **LOSSES[args.loss]}
-    # model FLOPs per token: 6N for the trained student (forward + backward), 2N for each frozen forward
+    # approximate model FLOPs per token for MFU: 6N for the trained student (forward and backward), 2N for each frozen
+    # forward; attention's own FLOPs are left out
     flops_per_token = 6 * n_params["student"] + 2 * sum(v for k, v in n_params.items() if k != "student")
 
     # --- the loop
-    stats = torch.zeros(4, device=device)  # loss, sft, kd, tokens since the last log (this rank's share)
+    stats = torch.zeros(4, device=device)  # loss, sft, kd, tokens since the last log (summed over ranks)
     t_log, steps_since_log = time.perf_counter(), 0
     while step < total_steps:
         for micro_batches in batches:  # one epoch; each item is one optimizer step
             lr = lr_at(step, args, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # (B, T) labels shifted left: logits[:, i] predicts labels[:, i], with nothing to predict at the end
-            for mb in micro_batches:
-                mb["targets"] = F.pad(mb["labels"][:, 1:], (0, 1), value=IGNORE)
-            # normalise by the global count of supervised tokens: the same update for any split of the batch
-            num_tokens = sum((mb["targets"] != IGNORE).sum() for mb in micro_batches).to(device)
+            # targets are the labels shifted left: logits[:, i] predicts labels[:, i + 1], nothing at the end
+            targets = [F.pad(mb["labels"][:, 1:], (0, 1), value=IGNORE).to(device) for mb in micro_batches]
+            # The global count of supervised tokens, all-reduced before the step, so the same global batch gives the
+            # same update however it is split. FSDP averages gradients over ranks, so each rank divides by
+            # count / world: the average of the ranks' gradients is then the global batch's.
+            num_tokens = sum((t != IGNORE).sum() for t in targets)
             dist.all_reduce(num_tokens)
             step_stats = torch.zeros(4, device=device)
-            for mb in micro_batches:
-                input_ids, mask = mb["input_ids"].to(device), mb["attention_mask"].to(device)
-                targets = mb["targets"].to(device)
+            for mb, target in zip(micro_batches, targets):
+                # Batches pads on the right, so plain causal attention is already exact on every real token: no mask
+                input_ids = mb["input_ids"].to(device)
                 with torch.no_grad():
-                    logits = {k: m(input_ids, mask) for k, m in frozen.items()}
-                loss, parts = delta_kd_loss(student(input_ids, mask), targets, logits.get("teacher"),
-                                            logits.get("teacher_raw"), logits.get("student_raw"), **loss_kwargs,
-                                            vocab_size=vocab_size, num_tokens=num_tokens, return_parts=True)
-                (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already a global share
-                step_stats += torch.stack([loss.detach(), parts["sft"], parts["kd"], mask.sum().float()])
+                    logits = {k: m(input_ids) for k, m in frozen.items()}
+                loss, parts = delta_kd_loss(student(input_ids), target, logits.pop("teacher", None),
+                                            logits.pop("teacher_raw", None), logits.pop("student_raw", None),
+                                            **loss_kwargs, vocab_size=vocab_size, num_tokens=num_tokens / world,
+                                            return_parts=True)  # the frozen logits are freed here, before backward
+                loss.backward()
+                tokens = mb["attention_mask"].sum().to(device, torch.float32)
+                step_stats += torch.stack([loss.detach() / world, parts["sft"] / world, parts["kd"] / world, tokens])
             dist.all_reduce(step_stats)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             # one sync per step: a bad step must stop before it reaches the weights or a checkpoint
             if not (torch.isfinite(step_stats[0]) and torch.isfinite(grad_norm)):
                 good = checkpoints(out)
-                sys.exit(f"error: step {step + 1}: loss {step_stats[0].item()}, gradient norm {grad_norm.item()}; "
-                         f"stopping. Last good checkpoint: {good[-1] if good else 'none'}")
+                if rank == 0:
+                    print(f"error: step {step + 1}: loss {step_stats[0].item()}, gradient norm {grad_norm.item()}; "
+                          f"stopping. Last good checkpoint: {good[-1] if good else 'none'}", file=sys.stderr)
+                dist.destroy_process_group()
+                sys.exit(1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -301,8 +327,8 @@ def main(argv=None):
                 if cuda:
                     record["mfu"] = flops_per_token * tokens / dt / world / (args.peak_tflops * 1e12)
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 if rank == 0:
-                    log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
                 stats.zero_()
@@ -317,7 +343,8 @@ def main(argv=None):
     # --- final export in Hugging Face format (gathered on rank 0, written atomically)
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        full = {k: v.to(compute_dtype) for k, v in full.items()}
+        for name in full:  # one tensor at a time: never an fp32 and a bf16 copy of the whole model at once
+            full[name] = full[name].to(compute_dtype)
         student.save_pretrained(out / "final", state_dict=full, tokenizer_dir=dirs["model"])
         log(f"wrote {out / 'final'}")
     dist.barrier()

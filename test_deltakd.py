@@ -43,8 +43,8 @@ REPO = Path(__file__).resolve().parent
 # deltakd.py: the loss, against float64 formulas
 
 def _loss_reference(s, labels, t, t_raw, s_raw, alpha, T, lam, divergence="fkl", vocab=None):
-    """The paper's formula written out position by position in float64, in probability space:
-    pi* = pi_t_ft * (pi_s_raw / pi_t_raw)^alpha / Z, L = lam * CE + (1 - lam) * T^2 * KL, mean over counted positions."""
+    """The paper's formula written out position by position in float64, in probability space: pi* =
+    pi_t_ft * (pi_s_raw / pi_t_raw)^alpha / Z, L = lam * CE + (1 - lam) * T^2 * KL, mean over counted positions."""
     vocab = vocab or min(x.shape[-1] for x in (s, t, t_raw, s_raw))
     s = s.double()
     total, count = 0.0, 0
@@ -169,7 +169,8 @@ def test_loss_leading_shapes_and_views():
                            s_raw.view(3, 4, -1))
     torch.testing.assert_close(shaped, flat)
     # a shifted, non-contiguous view of bigger logits, as a trainer passes them: logits[:, :-1] predicts labels[:, 1:]
-    big = [torch.cat([x.view(3, 4, -1), torch.randn(3, 1, x.shape[-1], dtype=x.dtype)], 1) for x in (s, t, t_raw, s_raw)]
+    big = [torch.cat([x.view(3, 4, -1), torch.randn(3, 1, x.shape[-1], dtype=x.dtype)], 1)
+           for x in (s, t, t_raw, s_raw)]
     views = [x[:, :-1] for x in big]
     assert not views[0].is_contiguous()
     torch.testing.assert_close(delta_kd_loss(views[0], labels.view(3, 4), *views[1:]), flat)
@@ -242,7 +243,8 @@ def test_loss_num_tokens_halves_sum_to_whole():
     (g_whole,) = torch.autograd.grad(whole, s)
     count = int((labels != -100).sum())
     halves = [slice(0, 5), slice(5, 16)]  # unequal counts, so a mean of means would differ
-    parts = [delta_kd_loss(s[h], labels[h], t[h], t_raw[h], s_raw[h], temperature=2.0, num_tokens=count) for h in halves]
+    parts = [delta_kd_loss(s[h], labels[h], t[h], t_raw[h], s_raw[h], temperature=2.0, num_tokens=count)
+             for h in halves]
     (g_halves,) = torch.autograd.grad(sum(parts), s)
     torch.testing.assert_close(sum(parts), whole)
     torch.testing.assert_close(g_halves, g_whole)
@@ -1757,9 +1759,9 @@ def test_train_bad_arguments_are_refused_before_loading(_train_world, tmp_path):
     _train_expect_exit(base + ["--loss", "sft", "--batch-size", "10", "--micro-batch-size", "4"],
                        "--batch-size 10 is not divisible by --micro-batch-size 4 x 1 processes")
     _train_expect_exit(["--model", w["student"], "--data", str(tmp_path / "nope.jsonl"), "--out", "x", "--loss", "sft"],
-                       "--data")
+                       f"error: --data: {tmp_path / 'nope.jsonl'}: no such file or folder")
     _train_expect_exit(["--model", str(tmp_path / "missing"), "--data", w["data"], "--out", "x", "--loss", "sft"],
-                       "no such file or folder")
+                       f"error: --model: {tmp_path / 'missing'} is neither a model folder nor a Hub id")
     _train_expect_exit(base + ["--loss", "fkl", "--random-init", "--teacher", w["teacher"]], "--random-init")
     # a teacher whose tokenizer differs: KD would compare different ids
     other = tmp_path / "other-teacher"

@@ -100,11 +100,6 @@ def check_args(args, world_size):
                  f"{args.micro_batch_size} x {world_size} processes")
     if not (args.max_steps or args.epochs > 0) or args.save_every < 1 or args.keep_checkpoints < 1:
         sys.exit("error: need --max-steps > 0 or --epochs > 0, --save-every >= 1 and --keep-checkpoints >= 1")
-    local = lambda spec: Path(spec).exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1
-    for flag in ("model", "teacher", "teacher_raw", "data"):
-        spec = getattr(args, flag)
-        if spec and local(spec) and not Path(spec).expanduser().exists():
-            sys.exit(f"error: --{flag.replace('_', '-')} {spec}: no such file or folder (nor a Hub id owner/name)")
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -189,8 +184,13 @@ def main(argv=None):
     # --- everything that can be wrong with the command or the data, before any process group or weight
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     check_args(args, world)
-    dirs = {k: resolve_model_dir(v) for k, v in (("model", args.model), ("teacher", args.teacher),
-                                                  ("teacher_raw", args.teacher_raw)) if v}  # Hub: cached download
+    dirs = {}
+    for name in ("model", "teacher", "teacher_raw"):
+        if getattr(args, name):
+            try:
+                dirs[name] = resolve_model_dir(getattr(args, name))  # a local folder, or a cached Hub download
+            except FileNotFoundError as e:
+                sys.exit(f"error: --{name.replace('_', '-')}: {e}")
     tokenizer = load_tokenizer(dirs["model"])
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     for name in ("teacher", "teacher_raw"):
@@ -200,7 +200,7 @@ def main(argv=None):
     try:
         rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: --data {args.data}: {e}")  # data.py's message names the file and line
+        sys.exit(f"error: --data: {e}")  # data.py's message names the file and line
     examples = build_examples(rows, tokenizer, args.max_len)
     batches = Batches(examples, args.batch_size, args.micro_batch_size, rank, world, args.seed,
                       pad_id=tokenizer.token_to_id("<|endoftext|>"))  # the same global batches for any world size

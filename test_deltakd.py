@@ -790,7 +790,7 @@ for name, dtype in (("tied", torch.float32), ("untied", torch.bfloat16)):  # bf1
         for k, p in shards.items():  # the gathered shards are exactly the plain model's tensors
             assert p.to_local().dtype == dtype and torch.equal(p.full_tensor(), full[k]), k
         assert m.model.embed_tokens.weight.to_local().shape[0] == (49, 48)[mesh.get_local_rank()]
-print("ok")
+print(f"ok{mesh.get_local_rank()}")
 """
 
 
@@ -806,7 +806,8 @@ def test_model_load_weights_into_fsdp2_shards(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(tmp_path / "load.py"), str(tmp_path), str(REPO)],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.split() == ["ok", "ok"], r.stdout[-3000:] + r.stderr[-3000:]
+    # both ranks got through every check (their lines may interleave)
+    assert r.returncode == 0 and "ok0" in r.stdout and "ok1" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

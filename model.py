@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
@@ -146,17 +146,20 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
-        # mask None means causal attention over this call's keys, which needs start == 0 when T > 1
+    def forward(self, x, cos, sin, mask, kv_cache=None, slot=None):
+        # kv_cache (2, B, Hkv, S, D): a prefill (slot None) writes slots [0, T); a decode step (T = 1) writes `slot`,
+        # a 0-dim tensor, and reads all S slots, masked. mask None means causal attention over this call's keys.
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:  # (2, B, Hkv, S, D), preallocated for the whole generation
-            kv_cache[0, :, :, start:start + T] = k
-            kv_cache[1, :, :, start:start + T] = v
-            k, v = kv_cache[0, :, :, :start + T], kv_cache[1, :, :, :start + T]  # (B, Hkv, start+T, D)
+        if kv_cache is not None and slot is None:
+            kv_cache[0, :, :, :T], kv_cache[1, :, :, :T] = k, v
+        elif kv_cache is not None:
+            kv_cache[0].index_copy_(2, slot.view(1), k)  # a tensor index: the same graph for every slot
+            kv_cache[1].index_copy_(2, slot.view(1), v)
+            k, v = kv_cache[0], kv_cache[1]  # (B, Hkv, S, D)
         n_rep = self.n_head // self.n_kv_head
         if T == 1:  # decoding: fold the query heads onto their shared K/V head instead of repeating K/V
             q = q.reshape(B, self.n_kv_head, n_rep, self.head_dim)  # (B, Hkv, n_rep, D)
@@ -185,9 +188,16 @@ class Qwen2DecoderLayer(nn.Module):
         self.mlp = Qwen2MLP(cfg)
         self.input_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # keep only the block's input; recompute the rest in backward
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, start)
+    def forward(self, x, cos, sin, mask, kv_cache=None, slot=None):
+        # inside forward, so that a compiled block compiles the checkpoint too (torchtitan's order: AC, compile, FSDP)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, kv_cache, slot)
+
+    def _forward(self, x, cos, sin, mask, kv_cache=None, slot=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -197,16 +207,21 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gradient_checkpointing = False  # keep only each block's input; recompute the rest in backward
 
-    def forward(self, input_ids, cos, sin, mask, kv_cache=None, start=0):
+    def forward(self, input_ids, cos, sin, mask, kv_cache=None, slot=None):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], start)
+            x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], slot)
         return self.norm(x)
+
+
+@dataclass
+class DecodeState:
+    """What decoding carries from one token to the next. S = prompt length + max_new_tokens, fixed for the call."""
+    cache: torch.Tensor  # (L, 2, B, Hkv, S, D): every layer's keys and values
+    real: torch.Tensor  # (B, S) bool: the slots that hold a real token (left padding and future slots do not)
+    slot: torch.Tensor | None  # () long: the slot of the next token fed; None until the prefill
+    pos: torch.Tensor  # (B,) long: its RoPE position
 
 
 class Qwen2(nn.Module):
@@ -227,9 +242,20 @@ class Qwen2(nn.Module):
         cfg, dtype = self.config, self.model.embed_tokens.weight.dtype
         return rope_cos_sin(pos, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, dtype)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, state=None):
+        """Logits (B, T, V). With a DecodeState (prefill and decode_step pass one), a decoding pass: the prompts'
+        prefill, which fills the state's cache, or one token per row at state.slot; either returns the last
+        logits (B, V). Decoding goes through here too, so that FSDP's hooks on the root see every pass."""
+        if state is not None and state.slot is not None:  # one new token per row, input_ids (B, 1)
+            state.real[:, state.slot] = True
+            cos, sin = self._rope(state.pos[:, None])  # (B, 1, 1, D)
+            logits = self._decode(input_ids, cos, sin, state.real, state.cache, state.slot)
+            state.slot += 1
+            state.pos += 1
+            return logits
         cos, sin = self._rope(position_ids(input_ids, attention_mask))
-        return self.lm_head(self.model(input_ids, cos, sin, attention_mask_4d(attention_mask)))  # (B, T, V)
+        h = self.model(input_ids, cos, sin, attention_mask_4d(attention_mask), None if state is None else state.cache)
+        return self.lm_head(h) if state is None else self.lm_head(h[:, -1])  # (B, T, V) or (B, V)
 
     @torch.no_grad()
     def init_weights(self, generator=None):
@@ -252,7 +278,10 @@ class Qwen2(nn.Module):
         model.name_or_path = str(path)
         return model.eval()
 
-    def save_pretrained(self, path, state_dict=None, tokenizer_dir=None, max_shard_size=5 * 10**9):
+    def save_pretrained(self, path, state_dict=None, tokenizer_dir=None, max_shard_size=5 * 10**9,
+                        eos_token_id=None):
+        """eos_token_id, if given, replaces the config's and generation_config.json's: a model trained on chats stops
+        at <|im_end|>, which its base model's files do not say."""
         path = Path(path)
         # it replaces an earlier checkpoint or an empty folder, never anything else
         if path.exists() and not path.is_dir():
@@ -277,6 +306,8 @@ class Qwen2(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:  # everything goes into tmp, which is renamed at the end: no half checkpoint under the final name
             config = {**self.config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+            if eos_token_id is not None:
+                config["eos_token_id"] = eos_token_id
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             names = ["model.safetensors"] if len(shards) == 1 else \
                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -290,6 +321,10 @@ class Qwen2(nn.Module):
             for name in SIDE_FILES:
                 if src is not None and (src / name).exists():
                     shutil.copyfile(src / name, tmp / name)
+            if eos_token_id is not None:
+                gen = tmp / "generation_config.json"
+                gen.write_text(json.dumps({**(json.loads(gen.read_text()) if gen.exists() else {}),
+                                           "eos_token_id": eos_token_id}, indent=2) + "\n")
             # a folder cannot be renamed onto a non-empty one, so the old checkpoint steps aside first
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             if path.exists():
@@ -300,33 +335,57 @@ class Qwen2(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask=None, max_new_tokens=0):
+        """Run left-padded prompts (B, T), keeping room for max_new_tokens more: (last logits (B, V), DecodeState)."""
+        B, T = input_ids.shape
+        if attention_mask is not None and not attention_mask[:, -1].all():
+            raise ValueError("decoding needs left-padded prompts with at least one token each")
+        cfg, dev = self.config, input_ids.device
+        pos = position_ids(input_ids, attention_mask)  # (B, T)
+        real = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        dtype = self.model.embed_tokens.weight.dtype
+        cache = torch.zeros(cfg.num_hidden_layers, 2, B, cfg.num_key_value_heads, T + max_new_tokens,
+                            cfg.hidden_size // cfg.num_attention_heads, dtype=dtype, device=dev)  # zeros: 0 * an
+        # empty slot's garbage could be NaN
+        state = DecodeState(cache, F.pad(real, (0, max_new_tokens), value=False), None, pos[:, -1] + 1)
+        logits = self(input_ids, attention_mask, state=state)
+        state.slot = torch.tensor(T, device=dev)
+        return logits, state
+
+    @torch.no_grad()
+    def decode_step(self, state, tokens):
+        """Feed one token per row (B,) at state.slot: the next logits (B, V). The state moves on by one slot."""
+        return self(tokens[:, None], state=state)
+
+    def _decode(self, input_ids, cos, sin, real, cache, slot):
+        # every shape here is fixed for the whole generation, so one compiled graph serves every token (gpt-fast)
+        h = self.model(input_ids, cos, sin, real[:, None, None, :], cache, slot)  # (B, 1, C)
+        return self.lm_head(h[:, 0])  # (B, V)
+
+    def compile_blocks(self):
+        """torch.compile each block (training, evaluation, prefill) and the one-token decode step (generation).
+        Call it after gradient checkpointing is set and before fully_shard: torchtitan's order."""
+        for layer in self.model.layers:
+            layer.compile()  # in place: the parameter names, and so the checkpoints, stay the same
+        self._decode = torch.compile(self._decode)
+        return self
+
     def generate(self, input_ids, attention_mask=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
                  eos_token_id=None, generator=None):
         B, T = input_ids.shape
         N, dev = max_new_tokens, input_ids.device
-        if attention_mask is not None and not attention_mask[:, -1].all():
-            raise ValueError("generate() needs left-padded prompts with at least one token each")
         if temperature < 0 or not 0 < top_p <= 1 or N < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0: got {temperature, top_p, N}")
         eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=dev).reshape(-1)
         out = torch.cat([input_ids, input_ids.new_zeros(B, N)], dim=1)  # (B, T+N); a normal tensor, trainable on
         with torch.inference_mode():  # lighter than no_grad per op, which adds up over many small decode steps
-            pos = position_ids(input_ids, attention_mask)
-            pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, N + 1, device=dev)], dim=1)  # (B, T+N)
-            cos, sin = self._rope(pos)  # (B, 1, T+N, D), for the whole call
-            cfg, D = self.config, cos.size(-1)
-            cache = torch.empty(cfg.num_hidden_layers, 2, B, cfg.num_key_value_heads, T + N, D, dtype=cos.dtype,
-                                device=dev)  # (L, 2, B, Hkv, T+N, D), allocated once, written in place
-            keys = None  # (B, T+N): which cache slots hold real tokens, where some are padding
-            if attention_mask is not None and not attention_mask.all():
-                keys = F.pad(attention_mask.bool(), (0, N), value=True)
+            logits, state = self.prefill(input_ids, attention_mask, N)
             done = torch.zeros(B, dtype=torch.bool, device=dev)
-            h = self.model(input_ids, cos[:, :, :T], sin[:, :, :T], attention_mask_4d(attention_mask), cache)
             for s in range(T, T + N):  # s: the slot being filled
-                if s > T:  # feed the previous token, sitting in slot s - 1
-                    mask = None if keys is None else keys[:, None, None, :s]  # (B, 1, 1, s)
-                    h = self.model(out[:, s - 1:s], cos[:, :, s - 1:s], sin[:, :, s - 1:s], mask, cache, s - 1)
-                tok = sample(self.lm_head(h[:, -1]), temperature, top_p, generator)  # (B,)
+                if s > T:
+                    logits = self.decode_step(state, out[:, s - 1])
+                tok = sample(logits, temperature, top_p, generator)  # (B,)
                 if eos is not None:
                     tok = torch.where(done, eos[0], tok)
                     done |= torch.isin(tok, eos)
@@ -378,8 +437,11 @@ def checkpoint_shapes(path):
     for fname in files:
         if not (path / fname).exists():
             raise FileNotFoundError(f"{index} lists {fname}, which is not there")
-        with safe_open(path / fname, framework="pt") as f:
-            shapes.update({k: (fname, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+        try:
+            with safe_open(path / fname, framework="pt") as f:
+                shapes.update({k: (fname, tuple(f.get_slice(k).get_shape())) for k in f.keys()})
+        except SafetensorError as e:  # safe_open checks that the header and the file size agree
+            raise ValueError(f"{path / fname} is truncated or corrupt, not a whole safetensors file ({e})") from e
     return shapes
 
 

@@ -11,6 +11,7 @@
 References: the Qwen2.5 chat template (ChatML); HuggingFaceH4/ultrachat_200k; nvidia/OpenMathReasoning.
 """
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -29,6 +30,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 ROLES = ("system", "user", "assistant")  # tool calls are not part of this project's data
 IGNORE = -100
+HOLDOUT = 0.05  # the share of prompts held_out() puts in the test set
 # Hub datasets we know: default split, and the only columns worth reading (OpenMathReasoning rows are large).
 ADAPTERS = {"HuggingFaceH4/ultrachat_200k": ("train_sft", ["prompt_id", "messages"]),
             "nvidia/OpenMathReasoning": ("cot", ["problem", "generated_solution"])}
@@ -59,12 +61,15 @@ def _check_messages(messages, need_assistant=True):
             return f"unknown role: message {i} has role {m['role']!r}, expected one of {', '.join(ROLES)}"
         if not isinstance(m["content"], str):
             return f"non-string content: message {i} ({m['role']}) has content of type {type(m['content']).__name__}"
+        if m.get("weight", 1) not in (0, 1) or ("weight" in m and m["role"] != "assistant"):
+            return f"bad weight: message {i} ({m['role']}) has weight {m['weight']!r}; only replies take 0 or 1"
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         return "no assistant turn"
 
 
 def _render(messages, add_generation_prompt=False, need_assistant=True):
-    """Qwen2.5's template without tools, plus the character spans to supervise: each reply's content + <|im_end|>.
+    """Qwen2.5's template without tools, plus the character spans to supervise: each reply's content + <|im_end|>,
+    except replies with "weight": 0 (as in OpenAI's fine-tuning format), which are context only.
     The template puts a leading system message in its header and renders any later one as a turn, so every message
     comes out alike; only a missing system message changes the text (the default one is inserted)."""
     problem = _check_messages(messages, need_assistant)
@@ -76,7 +81,7 @@ def _render(messages, add_generation_prompt=False, need_assistant=True):
         text += f"<|im_start|>{m['role']}\n"
         start = len(text)
         text += m["content"] + "<|im_end|>"
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and m.get("weight", 1):
             spans.append((start, len(text)))
         text += "\n"  # not supervised: generation stops at <|im_end|>
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else ""), spans
@@ -113,9 +118,14 @@ def encode_text(text, tokenizer, max_len=None):
     return _example(tokenizer.encode(text, add_special_tokens=False), None, tokenizer, max_len)
 
 
+def last_reply(messages):
+    """The index of the last assistant message: the reply a prompt is made for, and evaluation scores."""
+    return max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+
+
 def encode_prompt(messages, tokenizer):
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
-    text = render_chat(messages[:last], add_generation_prompt=True)
+    """The token ids of the prompt for the last reply: the turns before it and "<|im_start|>assistant\\n"."""
+    text = render_chat(messages[:last_reply(messages)], add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
@@ -214,7 +224,8 @@ def _normalise(row, rid):
         problem = _check_messages(row["messages"])
         if problem:
             return None, problem
-        return {"id": rid, "messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}, None
+        keys = ("role", "content", "weight")
+        return {"id": rid, "messages": [{k: m[k] for k in keys if k in m} for m in row["messages"]]}, None
     if "text" in row:
         if not isinstance(row["text"], str):
             return None, "non-string content: field text"
@@ -222,15 +233,37 @@ def _normalise(row, rid):
     return None, f"bad row: none of messages, prompt+response, problem+generated_solution, text in {sorted(row)}"
 
 
-def load_rows(spec, split=None, max_rows=None, skip_bad=False):
+def held_out(row):
+    """Whether a hash of the row's prompt (everything before its last reply) puts it in the held-out HOLDOUT share.
+    A dataset with several replies per prompt, like OpenMathReasoning's ~10 solutions per problem, then never trains
+    on a test prompt, whatever the row order."""
+    prompt = row["messages"][:last_reply(row["messages"])] if "messages" in row else row["text"]
+    digest = hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "big") < HOLDOUT * 2**64, digest
+
+
+def fits(rows, tokenizer, max_len):
+    """Per row: whether its chat up to its last reply (a text: all of it, and <|endoftext|>) fits in max_len tokens,
+    so that nothing supervised is cut, the closing <|im_end|> included."""
+    texts = [_render(r["messages"][:last_reply(r["messages"]) + 1])[0] if "messages" in r else r["text"] for r in rows]
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [len(e.ids) + ("text" in r) <= max_len for e, r in zip(encodings, rows)]
+
+
+def load_rows(spec, split=None, max_rows=None, skip_bad=False, holdout=None, fit=None):
     """Rows of a file, or of one split of a folder or Hub dataset. With split None: a Hub dataset's default split
     (ADAPTERS, else "train"); a folder's "train" files if it has any (from a `python data.py toy` folder, train.jsonl
-    alone, not mixed with test.jsonl, corpus.jsonl and tokenizer.json), else all its files. A split may end in a range
-    of good rows, like "cot[100000:101000]": a held-out slice of a dataset without a test split (OpenMathReasoning).
-    Only the shards up to its end are downloaded."""
+    alone, not mixed with test.jsonl, corpus.jsonl and tokenizer.json), else all its files.
+
+    Filters, in this order: holdout="train" leaves out the rows held_out() puts in the test share, holdout="test"
+    keeps only those, each prompt once; fit=(tokenizer, max_len) keeps the rows that fit (see fits()). Then a split
+    may end in a range of the rows left, like "cot[0:1000]", and max_rows caps their number. Only the shards up to
+    the last row needed are downloaded."""
     split, first, last = re.fullmatch(r"(.*?)(?:\[(\d*):(\d*)\])?", split or "").groups()
     split, first = split or None, int(first or 0)
-    stop = min(int(last) if last else math.inf, first + max_rows if max_rows else math.inf)  # in good rows
+    stop = min(int(last) if last else math.inf, first + max_rows if max_rows else math.inf)  # in rows kept
+    if holdout not in (None, "train", "test"):
+        raise ValueError(f"holdout must be None, 'train' or 'test', got {holdout!r}")
     path, suffixes, cached = Path(spec), (".jsonl", ".json", ".parquet"), False
     if path.is_file():
         sources = [read_file(path)]
@@ -250,24 +283,41 @@ def load_rows(spec, split=None, max_rows=None, skip_bad=False):
         sources = (read_file(hf_hub_download(str(spec), s, repo_type="dataset"), columns) for s in shards)
     else:
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a Hub dataset id (owner/name)")
-    rows, good, bad = [], 0, Counter()
+    def kept(rows):  # fit: tokenized 1024 rows at a time
+        return [r for r, ok in zip(rows, fits(rows, *fit) if fit else [True] * len(rows)) if ok]
+
+    rows, pending, bad, seen, read = [], [], Counter(), set(), 0
     for where, rid, row, problem in itertools.chain.from_iterable(sources):
         if problem is None:
             row, problem = _normalise(row, rid)
         if problem and not skip_bad:
-            raise ValueError(f"{where}: {problem} (skip_bad=True skips bad rows)")
+            raise ValueError(f"{where}: {problem} (--skip-bad-rows, or skip_bad=True, skips bad rows)")
         if problem:
             bad[problem.split(":")[0]] += 1
             continue
-        good += 1
-        if good > first:
-            rows.append(row)
-        if good == stop:  # stop before the next shard is fetched
-            break
+        if holdout:
+            test, key = held_out(row)
+            if test != (holdout == "test") or key in seen:
+                continue
+            if test:
+                seen.add(key)
+        read += 1
+        pending.append(row)
+        if fit is None or len(pending) == 1024:
+            rows += kept(pending)
+            pending = []
+            if len(rows) >= stop:  # before the next shard is fetched
+                break
+    else:
+        rows += kept(pending)
+    rows = rows[first:stop] if stop < math.inf else rows[first:]
     if bad:
         print(f"load_rows: skipped {sum(bad.values())} bad rows of {spec}: "
               + ", ".join(f"{n} {why}" for why, n in sorted(bad.items())))
-    if cached and good < stop < math.inf:  # a limit, not met: the listing may have missed shards
+    if fit:
+        print(f"load_rows: {spec}: {len(rows)} rows kept of {read} read{' (' + holdout + ' share)' if holdout else ''}"
+              f"; the others' chats do not fit in {fit[1]} tokens")
+    if cached and len(rows) < stop - first < math.inf:  # a limit, not met: the listing may have missed shards
         print(f"load_rows: {spec} gave {len(rows)} rows, fewer than the {stop - first} asked for; its files were "
               "listed from the local cache, which may lack shards")
     if not rows:
@@ -277,28 +327,33 @@ def load_rows(spec, split=None, max_rows=None, skip_bad=False):
 # ---------------------------------------------------------------------------- batches
 
 class Batches:
-    """Each item is one optimizer step for this rank: a list of micro-batches, dicts of LongTensors (b, T).
+    """Each item is one optimizer step for this rank: a list of micro-batches, dicts of LongTensors (rows, T) with
+    input_ids, attention_mask (1 on real tokens), labels, and index (each row's example, -1 for a filler).
 
-    Step s of epoch e uses the global batch perm_e[s*B:(s+1)*B] whatever the world size: rank r takes every
-    world_size-th example of it and cuts its share into micro-batches. So the union over ranks (and, with the loss
-    normalised by the global token count, the update) does not depend on how the batch is split. A short last global
-    batch is filled up with one-token rows whose labels are all -100, so every rank runs the same number of passes
-    (FSDP collectives hang otherwise); they attend to that token, since a row attending to nothing gives NaN.
+    Step s of epoch e uses the global batch perm_e[s*B:(s+1)*B] whatever the world size. With the loss normalised by
+    the global token count (train.py), any arrangement of those examples over ranks and micro-batches gives the same
+    update up to float order, so they are arranged for compute, not by chance:
+    - sorted by length and cut into runs of similar length, so that little of a micro-batch is padding;
+    - each micro-batch holds at most micro_batch_size x (the longest example) tokens, padding included: the memory
+      the user asked for, while a micro-batch of short rows holds more of them;
+    - as few micro-batches per rank as that allows, each run's cost (rows x padded length) made as even as possible,
+      and dealt so that the ranks' micro-batches at each index cost about the same: FSDP waits at every micro-batch
+      for the slowest rank.
+    Every rank runs the same number of micro-batches (FSDP collectives hang otherwise): a rank with nothing left gets
+    a filler, one token whose label is -100 (it attends to itself, since a row attending to nothing gives NaN).
     Iterating runs to the end of the current epoch; state_dict() always names the next step, so resume is exact."""
 
     def __init__(self, examples, batch_size, micro_batch_size, rank=0, world_size=1, seed=0, pad_id=0):
         if not examples:
             raise ValueError("Batches: no examples")
-        if batch_size % world_size:
-            raise ValueError(f"Batches: batch_size {batch_size} is not divisible by world_size {world_size}")
-        per_rank = batch_size // world_size
-        if per_rank % micro_batch_size:
-            raise ValueError(f"Batches: batch_size / world_size = {per_rank} is not divisible by micro_batch_size "
-                             f"{micro_batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"Batches: rank {rank} is not in [0, world_size={world_size})")
-        self.examples, self.batch_size, self.micro_batch_size, self.seed = examples, batch_size, micro_batch_size, seed
-        self.rank, self.world_size, self.per_rank, self.pad_id = rank, world_size, per_rank, pad_id
+        if min(batch_size, micro_batch_size) < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"Batches: need batch_size >= 1, micro_batch_size >= 1 and 0 <= rank < world_size, got "
+                             f"{batch_size}, {micro_batch_size}, rank {rank} of {world_size}")
+        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.rank, self.world_size = rank, world_size
+        self.lengths = np.array([len(e["input_ids"]) for e in examples])
+        self.longest = int(self.lengths.max())
+        self.max_tokens = micro_batch_size * self.longest
         self.steps_per_epoch = -(-len(examples) // batch_size)
         self.epoch = self.step = 0
 
@@ -306,28 +361,69 @@ class Batches:
         return self.steps_per_epoch
 
     def __iter__(self):
-        epoch, B, mbs = self.epoch, self.batch_size, self.micro_batch_size
+        epoch, B = self.epoch, self.batch_size
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))  # the same on every rank
         while self.epoch == epoch:
-            mine = perm[self.step * B:(self.step + 1) * B][self.rank::self.world_size]
-            rows = [self.examples[i] for i in mine] + [None] * (self.per_rank - len(mine))  # None: a filler row
+            runs = self.layout(perm[self.step * B:(self.step + 1) * B])
             self.step += 1  # before the yield, so that state_dict() names the next step
             if self.step == self.steps_per_epoch:
                 self.epoch, self.step = epoch + 1, 0
-            yield [self._collate(rows[k:k + mbs]) for k in range(0, self.per_rank, mbs)]
+            yield [self._collate(run) for run in runs[self.rank::self.world_size]]
 
-    def _collate(self, rows):
+    def padded(self, n):
+        # rounded up to a multiple of 8: fewer distinct shapes for the kernels to tune and cache
+        return min(-(-n // 8) * 8, self.longest)
+
+    def layout(self, indices):
+        """One global step's examples as world_size x K runs of example indices, run j going to rank j % world_size
+        as its micro-batch j // world_size. An empty run is a filler."""
+        order = sorted(indices, key=lambda i: (-self.lengths[i], i))  # longest first; the index breaks ties
+        cost = [self.padded(self.lengths[i]) for i in order]  # of a row, in a run that starts at it
+
+        def cut(cap):  # greedy: each run as long as its cost (rows x its first row's padded length) stays <= cap
+            runs, start = [], 0
+            for k in range(len(order) + 1):
+                if k == len(order) or (k > start and (k - start + 1) * cost[start] > cap):
+                    runs.append(order[start:k])
+                    start = k
+            return runs
+
+        def runs_for(slots):  # the smallest cap that still fits in `slots` runs evens the costs out
+            lo, hi = max(cost), self.max_tokens
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if len(cut(mid)) <= slots else (mid + 1, hi)
+            runs = cut(lo)
+            while len(runs) < slots and any(len(run) > 1 for run in runs):  # an idle slot: split the costliest run
+                run = max((run for run in runs if len(run) > 1), key=run_cost)
+                k = min(range(1, len(run)), key=lambda k: max(run_cost(run[:k]), run_cost(run[k:])))
+                runs.remove(run)
+                runs += [run[:k], run[k:]]
+            runs = sorted(runs, key=run_cost, reverse=True)  # dealt in rounds of W: similar costs side by side
+            return runs + [[]] * (slots - len(runs))
+
+        def waste(runs):  # what the ranks pay (each round costs its costliest run, on every rank) minus real tokens
+            return W * sum(run_cost(runs[k]) for k in range(0, len(runs), W)) - self.lengths[order].sum()
+
+        W, run_cost = self.world_size, lambda run: len(run) * self.padded(self.lengths[run[0]]) if run else 0
+        fewest = W * -(-len(cut(self.max_tokens)) // W)  # the fewest micro-batches per rank the memory cap allows
+        return min((runs_for(fewest), runs_for(fewest + W)), key=waste)  # one more round can cut padding and waits
+
+    def _collate(self, run):
+        rows = [self.examples[i] for i in run] or [None]  # None: a filler row
         lengths = [1 if r is None else len(r["input_ids"]) for r in rows]
-        T = -(-max(lengths) // 8) * 8  # rounded up: fewer distinct shapes for the kernels to tune and cache
-        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+        T = self.padded(max(lengths))
+        # input_ids and labels, and any other per-token field an example carries (minillm.py's rollouts), as floats
+        fill = {"input_ids": self.pad_id, "labels": IGNORE}
+        batch = {k: torch.full((len(rows), T), fill.get(k, 0), dtype=torch.long if k in fill else torch.float32)
+                 for k in self.examples[0]}
+        batch["attention_mask"] = torch.zeros((len(rows), T), dtype=torch.long)
         for i, (r, n) in enumerate(zip(rows, lengths)):
-            attention_mask[i, :n] = 1
-            if r is not None:
-                input_ids[i, :n] = torch.as_tensor(r["input_ids"])
-                labels[i, :n] = torch.as_tensor(r["labels"])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            batch["attention_mask"][i, :n] = 1
+            for k in r or ():
+                batch[k][i, :n] = torch.as_tensor(r[k])
+        batch["index"] = torch.tensor([int(i) for i in run] or [-1])
+        return batch
 
     def state_dict(self):
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "batch_size": self.batch_size,

@@ -1,4 +1,4 @@
-"""Train a Qwen2 student with SFT, forward KL, reverse KL or Delta-KD: one plain FSDP2 loop for 1 to N GPUs.
+"""Train a Qwen2 student with SFT, forward KL, reverse KL, Delta-KD or MiniLLM: one plain FSDP2 loop for 1 to N GPUs.
 
     python train.py --model Qwen/Qwen2.5-7B --loss sft --data HuggingFaceH4/ultrachat_200k --out runs/teacher
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-1.5B --teacher runs/teacher/final \
@@ -7,14 +7,18 @@
 Every model, the frozen ones included, is built on the meta device, sharded with fully_shard (each block, then the
 root), materialised with to_empty and filled from its safetensors one tensor at a time, so no process ever holds a
 full copy. The loss is normalised by the global count of supervised tokens, so the same global batch gives the same
-update whatever the number of processes and the micro-batch size. References: torchtitan (FSDP2, DCP), nanoGPT and
-nanochat (the loop), Delta-KD (arXiv:2509.14526).
+update whatever the number of processes and the micro-batch size. The on-policy branches (--loss minillm, and
+--on-policy for the token-level losses) live in minillm.py. References: torchtitan (FSDP2, DCP), nanoGPT and nanochat
+(the loop), Delta-KD (arXiv:2509.14526), MiniLLM (arXiv:2306.08543), GKD (arXiv:2306.13649).
 """
 import argparse
 import datetime
+import gc
+import hashlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -30,15 +34,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import minillm
 from data import IGNORE, Batches, build_examples, load_rows, load_tokenizer
 from deltakd import delta_kd_loss
-from model import Qwen2, Qwen2Config, load_weights, resolve_model_dir
+from model import Qwen2, Qwen2Config, checkpoint_shapes, load_weights, resolve_model_dir
 
 LOSSES = {  # how the paper's token-level methods fall out of delta_kd_loss
     "sft": dict(lam=1.0),  # cross-entropy on the data, no teacher
     "fkl": dict(alpha=0.0, divergence="fkl"),  # KL(teacher || student)
     "rkl": dict(alpha=0.0, divergence="rkl"),  # KL(student || teacher)
     "deltakd": dict(divergence="fkl"),  # KL(pi* || student), pi* from the teacher's SFT shift
+    "minillm": {},  # sequence-level KL(student || teacher) by policy gradient: minillm.py
 }
 
 
@@ -47,7 +53,7 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--model", required=True, help="the model to train: a folder or a Hub id")
-    g.add_argument("--teacher", help="the fine-tuned teacher (fkl, rkl, deltakd)")
+    g.add_argument("--teacher", help="the fine-tuned teacher (fkl, rkl, deltakd, minillm)")
     g.add_argument("--teacher-raw", help="the same teacher before its SFT (deltakd)")
     g.add_argument("--random-init", action="store_true",
                    help="start from random weights (--model then needs only config.json and the tokenizer): for "
@@ -56,7 +62,19 @@ def get_args(argv=None):
     g.add_argument("--loss", choices=list(LOSSES), default="deltakd", help="what to train with")
     g.add_argument("--alpha", type=float, default=1.0, help="deltakd: how much of the teacher's SFT shift to apply")
     g.add_argument("--temperature", type=float, default=1.0, help="temperature of the KD term (not of sampling)")
-    g.add_argument("--lam", type=float, default=0.5, help="weight of the SFT term; the KD term gets 1 - lam")
+    g.add_argument("--lam", type=float, default=0.5, help="weight of the SFT term; the KD term gets 1 - lam (minillm: "
+                   "the SFT term is added to the policy loss with this weight)")
+    g = p.add_argument_group("on-policy: the student's own samples (minillm.py)")
+    g.add_argument("--on-policy", type=float, default=0.0, metavar="FRACTION",
+                   help="fkl, rkl, deltakd: on this seeded fraction of steps the replies are the student's own samples "
+                        "for the same prompts (GKD); the KD term is computed on them, the SFT term only on data")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled reply (also capped by --max-len)")
+    g.add_argument("--mix", type=float, default=0.2, help="minillm: sample from (1 - mix) student + mix teacher")
+    g.add_argument("--reward-scale", type=float, default=0.5, help="minillm: multiplies the per-token reward")
+    g.add_argument("--ppo-epochs", type=int, default=4, help="minillm: passes over each batch of rollouts")
+    g.add_argument("--num-rollouts", type=int, default=256,
+                   help="minillm: replies sampled per rollout phase (a multiple of --batch-size); a phase is "
+                        "ppo-epochs x num-rollouts / batch-size optimizer steps")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
     g.add_argument("--split", help="dataset split, optionally with a row range like cot[:100000] (default: "
@@ -64,6 +82,12 @@ def get_args(argv=None):
     g.add_argument("--max-rows", type=int, help="read at most this many rows (downloads only the shards needed)")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
     g.add_argument("--max-len", type=int, default=2048, help="longest sequence in tokens; longer rows are cut")
+    g.add_argument("--drop-long", action="store_true",
+                   help="drop the rows whose chat does not fit in --max-len instead of cutting them (a cut reply loses "
+                        "its end and its <|im_end|>); --max-rows then counts the rows kept")
+    g.add_argument("--holdout", action="store_true",
+                   help="leave out the prompts held out for testing: data.HOLDOUT of them, chosen by a hash of the "
+                        "prompt (evaluate.py --holdout scores exactly those)")
     g.add_argument("--batch-size", type=int, default=64, help="sequences per optimizer step, over all processes")
     g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass, per process")
     g = p.add_argument_group("optimisation")
@@ -82,6 +106,9 @@ def get_args(argv=None):
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
     g.add_argument("--log-every", type=int, default=10, help="log every N steps")
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each block (after --grad-ckpt, before FSDP, as torchtitan does). Compiling "
+                        "takes a while at start; see README for what it gained where we measured it")
     g.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak for MFU (H100 SXM: 989)")
     return p.parse_args(argv)
@@ -89,37 +116,96 @@ def get_args(argv=None):
 
 def check_args(args, world_size):
     """Everything that can be wrong with the command line, found before any model or data is loaded."""
-    if args.loss in ("fkl", "rkl", "deltakd") and not args.teacher:
+    if args.loss in ("fkl", "rkl", "deltakd", "minillm") and not args.teacher:
         sys.exit(f"error: --loss {args.loss} needs --teacher (the fine-tuned teacher)")
     if args.loss == "deltakd" and args.alpha != 0 and not args.teacher_raw:
         sys.exit("error: --loss deltakd needs --teacher-raw (the teacher before SFT), or --alpha 0")
     if args.random_init and args.loss != "sft":
         sys.exit("error: --random-init is for pre-training with --loss sft; a distilled student starts pretrained")
-    if args.batch_size % (args.micro_batch_size * world_size):
-        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by --micro-batch-size "
-                 f"{args.micro_batch_size} x {world_size} processes")
+    if min(args.batch_size, args.micro_batch_size, args.max_len, args.max_new_tokens, args.ppo_epochs,
+           args.num_rollouts) < 1:
+        sys.exit("error: --batch-size, --micro-batch-size, --max-len, --max-new-tokens, --ppo-epochs and "
+                 "--num-rollouts must be at least 1")
+    if not 0 <= args.on_policy <= 1 or (args.on_policy and args.loss not in ("fkl", "rkl", "deltakd")):
+        sys.exit(f"error: --on-policy {args.on_policy}: a fraction in [0, 1], for --loss fkl, rkl or deltakd")
+    if not 0 <= args.mix < 1:
+        sys.exit(f"error: --mix {args.mix} must lie in [0, 1): the student's share keeps the importance weights finite")
+    if args.loss == "minillm":
+        phase = args.ppo_epochs * args.num_rollouts // args.batch_size
+        if args.num_rollouts % args.batch_size or args.save_every % phase:
+            sys.exit(f"error: --loss minillm needs --num-rollouts ({args.num_rollouts}) a multiple of --batch-size "
+                     f"({args.batch_size}), and --save-every ({args.save_every}) a multiple of the {phase} steps of a "
+                     "rollout phase (--ppo-epochs x --num-rollouts / --batch-size): checkpoints fall between phases")
     if not (args.max_steps or args.epochs > 0) or args.save_every < 1 or args.keep_checkpoints < 1:
         sys.exit("error: need --max-steps > 0 or --epochs > 0, --save-every >= 1 and --keep-checkpoints >= 1")
 
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=False):
-    """Meta device -> fully_shard each block, then the root -> to_empty -> weights, tensor by tensor."""
+def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=False, compile=False):
+    """Meta device -> activation checkpointing -> compile -> fully_shard each block, then the root -> to_empty ->
+    weights, tensor by tensor (load_weights, after this)."""
     with torch.device("meta"):
         model = Qwen2(Qwen2Config.from_json(model_dir)).to(storage_dtype)
-    model.model.gradient_checkpointing = grad_ckpt
+    for block in model.model.layers:
+        block.gradient_checkpointing = grad_ckpt
+    if compile:
+        model.compile_blocks()
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    # The root keeps its parameters (embeddings, lm_head) gathered after forward by default, for the backward that
-    # follows at once; a frozen model has no backward, so it gives them back.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    # The root (embeddings, final norm, lm_head) of a trained model stays gathered after forward, for the backward
+    # that follows at once; a frozen model has no backward, so it gives them back.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
     model.to_empty(device=mesh.device_type)  # FSDP2 keeps a tied lm_head tied through to_empty
     if not trainable:
         model.requires_grad_(False).eval()
     model.name_or_path = str(model_dir)
     return model
+
+
+def check_same_data(examples, rank, world):
+    """Every rank loads the data itself; a rank whose Hub listing failed may read a smaller local cache. Different
+    example lists would silently duplicate and drop examples, or hang at the end of an epoch: stop instead."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(e["input_ids"].tobytes())
+        digest.update(e["labels"].tobytes())
+    everyone = [None] * world
+    dist.all_gather_object(everyone, (len(examples), digest.hexdigest()[:12]))
+    if len(set(everyone)) > 1:
+        if rank == 0:
+            print("error: the processes loaded different data (examples, hash of the tokens): "
+                  + ", ".join(f"rank {r}: {n}, {h}" for r, (n, h) in enumerate(everyone)), file=sys.stderr)
+        dist.destroy_process_group()
+        sys.exit(1)
+
+
+def kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device, world, scale=1.0):
+    """Forward and backward of one optimizer step of a token-level loss; returns this rank's share of the logged
+    values. scale multiplies the loss: 1 - lam on an on-policy step, whose KD term alone is trained."""
+    # targets are the labels shifted left: logits[:, i] predicts labels[:, i + 1], nothing at the end
+    targets = [F.pad(mb["labels"][:, 1:], (0, 1), value=IGNORE).to(device) for mb in micro_batches]
+    # The global count of supervised tokens, all-reduced before the step, so the same global batch gives the same
+    # update however it is split. FSDP averages gradients over ranks, so each rank divides by count / world: the
+    # average of the ranks' gradients is then the global batch's.
+    num_tokens = sum((t != IGNORE).sum() for t in targets)
+    dist.all_reduce(num_tokens)
+    stats = {"loss": 0.0, "sft": 0.0, "kd": 0.0, "tokens": 0.0}
+    for mb, target in zip(micro_batches, targets):
+        # Batches pads on the right, so plain causal attention is already exact on every real token: no mask
+        input_ids = mb["input_ids"].to(device)
+        with torch.no_grad():
+            logits = {k: m(input_ids) for k, m in frozen.items()}
+        loss, parts = delta_kd_loss(student(input_ids), target, logits.pop("teacher", None),
+                                    logits.pop("teacher_raw", None), logits.pop("student_raw", None),
+                                    **loss_kwargs, vocab_size=vocab_size, num_tokens=num_tokens / world,
+                                    return_parts=True)  # the frozen logits are freed here, before backward
+        (loss * scale if scale != 1 else loss).backward()
+        for k, v in (("loss", loss.detach() * scale), ("sft", parts["sft"]), ("kd", parts["kd"])):
+            stats[k] += v / world
+        stats["tokens"] += mb["attention_mask"].sum()
+    return stats
 
 
 def checkpoints(out):
@@ -189,7 +275,10 @@ def main(argv=None):
         if getattr(args, name):
             try:
                 dirs[name] = resolve_model_dir(getattr(args, name))  # a local folder, or a cached Hub download
-            except FileNotFoundError as e:
+                Qwen2Config.from_json(dirs[name])
+                if not (name == "model" and args.random_init):
+                    checkpoint_shapes(dirs[name])  # the file headers only: a truncated download shows up here
+            except (OSError, ValueError) as e:
                 sys.exit(f"error: --{name.replace('_', '-')}: {e}")
     tokenizer = load_tokenizer(dirs["model"])
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -198,13 +287,18 @@ def main(argv=None):
             sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} has a different tokenizer from "
                      f"--model {args.model}: token-level KD compares distributions over the same ids")
     try:
-        rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows)
+        rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows,
+                         holdout="train" if args.holdout else None,
+                         fit=(tokenizer, args.max_len) if args.drop_long else None)
     except (OSError, ValueError) as e:
         sys.exit(f"error: --data: {e}")  # data.py's message names the file and line
     examples = build_examples(rows, tokenizer, args.max_len)
-    batches = Batches(examples, args.batch_size, args.micro_batch_size, rank, world, args.seed,
-                      pad_id=tokenizer.token_to_id("<|endoftext|>"))  # the same global batches for any world size
+    pad_id = tokenizer.token_to_id("<|endoftext|>")
+    batches = Batches(examples, args.batch_size, args.micro_batch_size, rank, world, args.seed, pad_id)
     total_steps = args.max_steps or math.ceil(args.epochs * len(batches))
+    # trained on chats, the model ends its replies with <|im_end|>; exported so, as Qwen2.5-Instruct is
+    stop_ids = [tokenizer.token_to_id("<|im_end|>"), pad_id]
+    chats = any("messages" in r for r in rows)
 
     # --- processes: torchrun sets RANK and WORLD_SIZE; a plain `python train.py` is a world of one, on the same path
     cuda = torch.cuda.is_available()
@@ -218,6 +312,7 @@ def main(argv=None):
         dist.init_process_group(**pg)
     else:
         dist.init_process_group(**pg, store=dist.HashStore(), rank=0, world_size=1)
+    check_same_data(examples, rank, world)
     mesh = init_device_mesh(device.type, (world,))
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     log = print if rank == 0 else lambda *a, **k: None
@@ -232,13 +327,14 @@ def main(argv=None):
         dirs["model"] = out / "init"
 
     # --- models: the student trains in fp32 master weights; the frozen ones are stored in the compute dtype
-    student = build(dirs["model"], mesh, compute_dtype, torch.float32, trainable=True, grad_ckpt=args.grad_ckpt)
+    student = build(dirs["model"], mesh, compute_dtype, torch.float32, True, args.grad_ckpt, args.compile)
     frozen = {}
     if args.loss != "sft":
-        frozen["teacher"] = build(dirs["teacher"], mesh, compute_dtype, compute_dtype, trainable=False)
+        frozen["teacher"] = build(dirs["teacher"], mesh, compute_dtype, compute_dtype, False, compile=args.compile)
     if args.loss == "deltakd" and args.alpha != 0:
-        frozen["teacher_raw"] = build(dirs["teacher_raw"], mesh, compute_dtype, compute_dtype, trainable=False)
-        frozen["student_raw"] = build(dirs["model"], mesh, compute_dtype, compute_dtype, trainable=False)
+        frozen["teacher_raw"] = build(dirs["teacher_raw"], mesh, compute_dtype, compute_dtype, False,
+                                      compile=args.compile)
+        frozen["student_raw"] = build(dirs["model"], mesh, compute_dtype, compute_dtype, False, compile=args.compile)
     for m in frozen.values():
         load_weights(m, m.name_or_path)
     decay = [p for p in student.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
@@ -246,6 +342,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                                   fused=cuda)
+    ppo = minillm.MiniLLM(args, examples, student, frozen["teacher"], vocab_size, stop_ids, rank, world, device,
+                          pad_id) if args.loss == "minillm" else None
 
     # rank 0 decides whether to resume: every rank must take the same branch, or the collectives below hang
     found = checkpoints(out) if rank == 0 else []
@@ -274,64 +372,63 @@ def main(argv=None):
     flops_per_token = 6 * n_params["student"] + 2 * sum(v for k, v in n_params.items() if k != "student")
 
     # --- the loop
-    stats = torch.zeros(4, device=device)  # loss, sft, kd, tokens since the last log (summed over ranks)
+    stats, counts = {}, {}  # sums since the last log of this rank's shares; how many steps reported each value
     t_log, steps_since_log = time.perf_counter(), 0
     while step < total_steps:
         for micro_batches in batches:  # one epoch; each item is one optimizer step
             lr = lr_at(step, args, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # targets are the labels shifted left: logits[:, i] predicts labels[:, i + 1], nothing at the end
-            targets = [F.pad(mb["labels"][:, 1:], (0, 1), value=IGNORE).to(device) for mb in micro_batches]
-            # The global count of supervised tokens, all-reduced before the step, so the same global batch gives the
-            # same update however it is split. FSDP averages gradients over ranks, so each rank divides by
-            # count / world: the average of the ranks' gradients is then the global batch's.
-            num_tokens = sum((t != IGNORE).sum() for t in targets)
-            dist.all_reduce(num_tokens)
-            step_stats = torch.zeros(4, device=device)
-            for mb, target in zip(micro_batches, targets):
-                # Batches pads on the right, so plain causal attention is already exact on every real token: no mask
-                input_ids = mb["input_ids"].to(device)
-                with torch.no_grad():
-                    logits = {k: m(input_ids) for k, m in frozen.items()}
-                loss, parts = delta_kd_loss(student(input_ids), target, logits.pop("teacher", None),
-                                            logits.pop("teacher_raw", None), logits.pop("student_raw", None),
-                                            **loss_kwargs, vocab_size=vocab_size, num_tokens=num_tokens / world,
-                                            return_parts=True)  # the frozen logits are freed here, before backward
-                loss.backward()
-                tokens = mb["attention_mask"].sum().to(device, torch.float32)
-                step_stats += torch.stack([loss.detach() / world, parts["sft"] / world, parts["kd"] / world, tokens])
-            dist.all_reduce(step_stats)
+            if ppo:  # MiniLLM: a rollout phase when one begins, then one PPO minibatch and the SFT term
+                parts = ppo.step(step, micro_batches)
+            elif args.on_policy and random.Random(f"{args.seed}-{step}").random() < args.on_policy:
+                micro_batches, sampled = minillm.on_policy_batches(student, examples, micro_batches, step, args,
+                                                                   stop_ids, vocab_size, rank, world, pad_id)
+                parts = kd_backward(student, frozen, micro_batches, {**loss_kwargs, "lam": 0.0}, vocab_size,
+                                    device, world, scale=1 - args.lam)
+                del parts["sft"]  # the SFT term counts data replies only: on this step, none
+                parts.update({k: v / world for k, v in sampled.items()})
+            else:
+                parts = kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device, world)
+            names = sorted(parts)
+            reduced = torch.stack([torch.as_tensor(parts[k], dtype=torch.float32, device=device) for k in names])
+            dist.all_reduce(reduced)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             # one sync per step: a bad step must stop before it reaches the weights or a checkpoint
-            if not (torch.isfinite(step_stats[0]) and torch.isfinite(grad_norm)):
+            if not (torch.isfinite(reduced).all() and torch.isfinite(grad_norm)):
                 good = checkpoints(out)
                 if rank == 0:
-                    print(f"error: step {step + 1}: loss {step_stats[0].item()}, gradient norm {grad_norm.item()}; "
+                    print(f"error: step {step + 1}: loss {reduced[names.index('loss')].item()}, gradient norm "
+                          f"{grad_norm.item()}; "
                           f"stopping. Last good checkpoint: {good[-1] if good else 'none'}", file=sys.stderr)
                 dist.destroy_process_group()
                 sys.exit(1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            stats += step_stats
+            for k, v in zip(names, reduced):
+                stats[k], counts[k] = stats.get(k, 0.0) + v, counts.get(k, 0) + 1
             steps_since_log += 1
 
             # --- log (the only place that reads values back to the host)
             if step % args.log_every == 0 or step == total_steps:
                 dt = time.perf_counter() - t_log
-                loss_, sft_, kd_, tokens = (stats / torch.tensor([steps_since_log] * 3 + [1], device=device)).tolist()
-                record = {"step": step, "loss": loss_, "sft": sft_, "kd": kd_, "lr": lr, "grad_norm": grad_norm.item(),
-                          "tokens_per_s": tokens / dt, "eta_s": dt / steps_since_log * (total_steps - step)}
+                means = {k: (v / (1 if k in ("tokens", "gen_s") else counts[k])).item() for k, v in stats.items()}
+                record = {"step": step, **{k: means.pop(k) for k in ("loss", "sft", "kd") if k in means}, "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens_per_s": means.pop("tokens") / dt,
+                          "eta_s": dt / steps_since_log * (total_steps - step)}
+                if "gen_s" in means:  # time spent sampling: rollouts or on-policy replies
+                    record["gen_share"] = means.pop("gen_s") / dt
+                record.update(means)
                 if cuda:
-                    record["mfu"] = flops_per_token * tokens / dt / world / (args.peak_tflops * 1e12)
+                    record["mfu"] = flops_per_token * record["tokens_per_s"] / world / (args.peak_tflops * 1e12)
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 if rank == 0:
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
-                stats.zero_()
+                stats, counts = {}, {}
                 t_log, steps_since_log = time.perf_counter(), 0
 
             # --- checkpoint
@@ -345,9 +442,14 @@ def main(argv=None):
     if rank == 0:
         for name in full:  # one tensor at a time: never an fp32 and a bf16 copy of the whole model at once
             full[name] = full[name].to(compute_dtype)
-        student.save_pretrained(out / "final", state_dict=full, tokenizer_dir=dirs["model"])
+        student.save_pretrained(out / "final", state_dict=full, tokenizer_dir=dirs["model"],
+                                eos_token_id=stop_ids if chats else None)
         log(f"wrote {out / 'final'}")
     dist.barrier()
+    # FSDP's hooks hold the models in reference cycles. Left to interpreter shutdown, their collection can race gloo's
+    # worker threads and abort ("terminate called without an active exception"): free them while all is alive.
+    del student, frozen, optimizer, full, ppo
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data import encode_prompt, load_rows, load_tokenizer, read_file
-from model import Qwen2, Qwen2Config, resolve_model_dir
+from data import encode_prompt, last_reply, load_rows, load_tokenizer, read_file
+from model import Qwen2, Qwen2Config, checkpoint_shapes, resolve_model_dir
 
 # ----------------------------------------------------------------------------------------------------------------
 # Porter stemmer, NLTK_EXTENSIONS mode (the paper's algorithm plus Martin Porter's and NLTK's later fixes)
@@ -218,21 +218,34 @@ def get_args(argv=None):
     p.add_argument("--data", help="conversations: a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
     p.add_argument("--split", default="test_sft",
                    help="split of a folder or Hub dataset, optionally with a row range like cot[100000:101000]")
-    p.add_argument("--max-examples", type=int, help="use the first N rows only")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply")
+    p.add_argument("--max-examples", type=int, help="use the first N rows only (after --holdout and --max-len)")
+    p.add_argument("--holdout", action="store_true",
+                   help="score only the prompts held out from training (train.py --holdout), each prompt once")
+    p.add_argument("--max-len", type=int,
+                   help="keep only conversations whose chat, up to the scored reply, fits in this many tokens: "
+                        "train.py --drop-long's rule")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
+    p.add_argument("--max-prompt-len", type=int, default=2048,
+                   help="longest prompt in tokens: longer ones lose their oldest turns (the system prompt and the "
+                        "last user turn stay), so that a long history cannot run prefill out of memory")
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="longest reply; the ROUGE ceiling it allows (the reference cut there) is reported")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, the same replies for any process count")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
     p.add_argument("--seed", type=int, default=0, help="seeds sampling, one stream per batch")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype; none: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks and the one-token decode step (fixed shapes: one graph serves every "
+                        "token). Compiling takes a while at start; see README for what it gained where we measured it")
     p.add_argument("--out", default="runs/eval", help="folder for predictions.jsonl and summary.json")
     p.add_argument("--predictions", metavar="FILE.jsonl",
                    help="score this file's {prediction, reference, id (optional)} rows instead of generating: "
                         "another system's outputs, or SeqKD data")
     p.add_argument("--write-data", metavar="FILE.jsonl",
                    help="for SeqKD (train.py --data FILE.jsonl): also write the data's rows {id, messages} with "
-                        "the last assistant reply replaced by the model's (earlier ones keep their original text), "
-                        "leaving out the replies cut at --max-new-tokens")
+                        "the last assistant reply replaced by the model's, the earlier (gold) replies kept as context "
+                        "only (\"weight\": 0), and the replies cut at --max-new-tokens left out")
     return p.parse_args(argv)
 
 
@@ -246,7 +259,7 @@ def check_args(args):
         sys.exit("error: need --model and --data, or --predictions FILE.jsonl")
     if args.predictions and not Path(args.predictions).is_file():
         sys.exit(f"error: --predictions {args.predictions}: no such file")
-    for flag in ("max_examples", "max_new_tokens", "batch_size"):
+    for flag in ("max_examples", "max_new_tokens", "batch_size", "max_len", "max_prompt_len"):
         if (value := getattr(args, flag)) is not None and value < 1:
             sys.exit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -268,9 +281,24 @@ def read_predictions(path):
     return rows
 
 
+def prompt_within(messages, tokenizer, max_len):
+    """The turns before the last reply, the oldest exchanges dropped until their prompt fits in max_len tokens (the
+    system prompt and the last user turn stay): (turns, prompt token ids), or (None, None) if even those do not fit."""
+    last = last_reply(messages)
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    starts = [k for k in range(len(head), last) if messages[k]["role"] == "user"] or [len(head)]
+    for k in starts:  # from the whole history down to the last user turn alone
+        ids = encode_prompt(head + messages[k:last + 1], tokenizer)  # with the reply, which encode_prompt leaves out
+        if len(ids) <= max_len:
+            return head + messages[k:last], ids
+    return None, None
+
+
 def load_examples(args, tokenizer):
     try:
-        rows = load_rows(args.data, split=args.split, max_rows=args.max_examples)
+        rows = load_rows(args.data, split=args.split, max_rows=args.max_examples, skip_bad=args.skip_bad_rows,
+                         holdout="test" if args.holdout else None,
+                         fit=(tokenizer, args.max_len) if args.max_len else None)
     except (OSError, ValueError) as e:  # data.py's messages name the file and line
         sys.exit(f"error: {e}" + ("; pass --split, e.g. train or cot[100000:101000]" if "for split" in str(e) else ""))
     chats = [r for r in rows if "messages" in r]  # load_rows lets through only chats with an assistant turn
@@ -278,10 +306,27 @@ def load_examples(args, tokenizer):
         sys.exit(f"error: --data {args.data}: none of its {len(rows)} rows is a conversation with an assistant turn")
     if len(chats) < len(rows):
         print(f"skipping {len(rows) - len(chats)} plain-text rows of {args.data}: they have no reply to compare with")
+    examples, cut = [], 0
     for r in chats:
-        r["last"] = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
-        r["prompt"] = encode_prompt(r["messages"], tokenizer)
-    return chats
+        r["last"] = last_reply(r["messages"])
+        r["context"], r["prompt"] = prompt_within(r["messages"], tokenizer, args.max_prompt_len)
+        cut += r["context"] != r["messages"][:r["last"]]
+        if r["prompt"] is not None:
+            examples.append(r)
+    if cut:
+        print(f"--max-prompt-len {args.max_prompt_len}: cut {cut} of {len(chats)} prompts to their latest turns, and "
+              f"left out the {len(chats) - len(examples)} whose last user turn alone does not fit")
+    if not examples:
+        sys.exit(f"error: --max-prompt-len {args.max_prompt_len}: no prompt fits")
+    return examples
+
+
+def rouge_ceiling(references, tokenizer, max_new_tokens):
+    """What a perfect reply could score under --max-new-tokens: each reference cut to that many tokens, against itself
+    (stemmed F, mean over examples). Below 1, the setting caps the metric for every model alike."""
+    cut = [tokenizer.decode(e.ids[:max_new_tokens]) for e in tokenizer.encode_batch(references,
+                                                                                   add_special_tokens=False)]
+    return corpus_rouge([rouge(c, r, use_stemmer=True) for c, r in zip(cut, references)])
 
 
 def generate_replies(model, tokenizer, examples, batches, args, device, rank, world):
@@ -324,13 +369,18 @@ def write_results(records, out, **meta):
     print(f"{'':9}{'R-1':>7}{'R-2':>7}{'R-L':>7}   (F x 100, mean over {len(records)} examples)")
     for name, key in (("plain", "rouge"), ("stemmed", "rouge_stemmed")):
         print(f"{name:9}" + "".join(f"{100 * summary[key][k]:7.2f}" for k in ("rouge1", "rouge2", "rougeL")))
+    if "ceiling_stemmed" in summary:
+        print(f"{'ceiling':9}" + "".join(f"{100 * summary['ceiling_stemmed'][k]:7.2f}" for k in ("rouge1", "rouge2",
+              "rougeL")) + "   (stemmed: each reference cut at --max-new-tokens; a perfect reply scores this)")
     print(f"mean length in ROUGE tokens: prediction {summary['mean_prediction_tokens']:.1f}, reference "
           f"{summary['mean_reference_tokens']:.1f}\nwrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
 
 
 def write_seqkd_data(path, examples, records):
-    """Each conversation with the model's reply in place of its last one, for SeqKD. A reply cut at --max-new-tokens
-    is left out: encode_chat supervises the <|im_end|> after it, which would teach stopping mid-solution."""
+    """Each conversation with the model's reply in place of its last one, for SeqKD. The earlier replies are the
+    data's own (gold) text: kept as context, with "weight": 0, so that SeqKD supervises the teacher's words only. A
+    reply cut at --max-new-tokens is left out: encode_chat supervises the <|im_end|> after it, which would teach
+    stopping mid-solution."""
     kept = [(ex, r) for ex, r in zip(examples, records) if r["finished"]]
     if not kept:
         sys.exit(f"error: --write-data: all {len(records)} replies were cut at --max-new-tokens; raise it")
@@ -338,7 +388,8 @@ def write_seqkd_data(path, examples, records):
     with open(path, "w", encoding="utf-8") as f:
         for ex, r in kept:
             reply = {"role": "assistant", "content": r["prediction"]}
-            turns = [*r["messages"], reply, *ex["messages"][ex["last"] + 1:]]
+            context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in r["messages"]]
+            turns = [*context, reply, *ex["messages"][ex["last"] + 1:]]
             f.write(json.dumps({"id": ex["id"], "messages": turns}, ensure_ascii=False) + "\n")
     print(f"wrote {len(kept)} conversations with the model's replies to {path}, left out {len(records) - len(kept)} "
           f"of {len(records)} replies cut at --max-new-tokens")
@@ -356,6 +407,7 @@ def main(argv=None):
     try:
         model_dir = resolve_model_dir(args.model)
         Qwen2Config.from_json(model_dir)
+        checkpoint_shapes(model_dir)  # the file headers only: a truncated download shows up here, not after loading
         tokenizer = load_tokenizer(model_dir)  # the model's own: a missing one is an error, not a silent default
     except (OSError, ValueError) as e:
         sys.exit(f"error: --model {args.model}: {e}")
@@ -371,6 +423,8 @@ def main(argv=None):
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     model = Qwen2.from_pretrained(model_dir, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device)
+    if args.compile:
+        model.compile_blocks()
 
     # --- generation. Prompts sorted by length fill batches with little padding; longest first, so that running out
     # of memory happens at once. Whole batches are dealt to the processes: each is the batch a single process would
@@ -387,11 +441,14 @@ def main(argv=None):
         return
 
     # --- scores and files, in the data's order
-    records = [{"id": ex["id"], "messages": ex["messages"][:ex["last"]], "prediction": replies[i][0],
+    records = [{"id": ex["id"], "messages": ex["context"], "prediction": replies[i][0],
                 "reference": ex["messages"][ex["last"]]["content"], "finished": replies[i][1]}
                for i, ex in enumerate(examples)]
-    meta = {k: getattr(args, k) for k in ("model", "data", "split", "max_new_tokens", "temperature", "top_p", "seed")}
-    write_results(records, Path(args.out), **meta, dtype=dtype, unfinished=sum(not r["finished"] for r in records))
+    meta = {k: getattr(args, k) for k in ("model", "data", "split", "holdout", "max_len", "max_prompt_len",
+                                          "max_new_tokens", "temperature", "top_p", "seed")}
+    ceiling = rouge_ceiling([r["reference"] for r in records], tokenizer, args.max_new_tokens)
+    write_results(records, Path(args.out), **meta, dtype=dtype, unfinished=sum(not r["finished"] for r in records),
+                  ceiling_stemmed=ceiling)
     if args.write_data:
         write_seqkd_data(args.write_data, examples, records)
 

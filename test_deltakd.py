@@ -24,16 +24,13 @@ from nltk.stem.porter import PorterStemmer
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_score_tokenize
 from safetensors import safe_open
-from safetensors.torch import load_file
 from safetensors.torch import load_file, save_file
 
 import data
 import evaluate
 import train
 from deltakd import delta_kd_loss
-from evaluate import corpus_rouge, main, rouge, tokenize, write_seqkd_data
-from evaluate import corpus_rouge, porter_stem, rouge, tokenize
-from model import Qwen2, Qwen2Config
+from evaluate import corpus_rouge, main, porter_stem, rouge, tokenize, write_seqkd_data
 from model import Qwen2, Qwen2Config, load_weights, resolve_model_dir, rope_inv_freq, sample
 
 REPO = Path(__file__).resolve().parent
@@ -342,7 +339,7 @@ def test_loss_default_chunking_splits_positions(monkeypatch):
     (g_whole,) = torch.autograd.grad(whole, s)
     seen = []
     chunk_log_probs = deltakd._chunk_log_probs
-    monkeypatch.setattr(deltakd, "_CHUNK_BYTES", 4 * 13 * 3)  # three positions of 13 fp32 log-probs per chunk
+    monkeypatch.setitem(deltakd._CHUNK_BYTES, "cpu", 4 * 13 * 3)  # three positions of 13 fp32 log-probs per chunk
     monkeypatch.setattr(deltakd, "_chunk_log_probs", lambda x, rows, *a: seen.append(len(rows[0])) or
                         chunk_log_probs(x, rows, *a))
     chunked = delta_kd_loss(s, labels, t, t_raw, s_raw)
@@ -514,8 +511,7 @@ def test_model_rope_frequencies_are_made_once(tmp_path):
     rope_inv_freq.cache_clear()
     ours.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)  # made first under inference mode,
     ours(torch.tensor([[1, 2, 3]])).sum().backward()  # then serves training
-    info = rope_inv_freq.cache_info()
-    assert (info.misses, info.hits) == (1, 1)  # generate() computes cos/sin once for the whole call
+    assert rope_inv_freq.cache_info().misses == 1  # made once, then reused by every decode step and by training
 
 
 def test_model_sampling(tmp_path):
@@ -1786,21 +1782,42 @@ def _eval_short(chat):
                                                        "content": f"The answer is \\boxed{{{chat['answer']}}}."}]}
 
 
-def _eval_fit(model, tokenizer, chats, steps=30):
-    """A few full-batch Adam steps on chats with short replies: enough for replies that share words with the
-    references and end with <|im_end|>, so that neither the scores nor the stopping are trivial."""
-    examples = [data.encode_chat(c["messages"], tokenizer) for c in chats]
-    T = max(len(e["input_ids"]) for e in examples)
+def _eval_fit(model, tokenizer, chats, new_tokens=24, margin=2.0, max_steps=800):
+    """Train until greedy decoding reproduces the first `new_tokens` tokens of every chat's last reply (up to its
+    <|im_end|>), each by a logit margin of at least `margin`; fail if max_steps is reached first. A checked condition,
+    not a step count: the tests need a model whose every greedy choice is clear, so that batched and unbatched,
+    one-process and two-process decoding agree on any CPU, with replies that share words with the references and
+    stop by themselves where the reply is short."""
+    stop = tokenizer.token_to_id("<|im_end|>")
     pad = tokenizer.token_to_id("<|endoftext|>")
+    examples = [data.encode_chat(c["messages"][:data.last_reply(c["messages"]) + 1], tokenizer) for c in chats]
+    T = max(len(e["input_ids"]) for e in examples)
     ids = torch.tensor([e["input_ids"] + [pad] * (T - len(e["input_ids"])) for e in examples])  # (B, T)
     labels = torch.tensor([e["labels"] + [-100] * (T - len(e["labels"])) for e in examples])  # (B, T)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(steps):
+    checks = []  # (position of the first reply token, the tokens that greedy decoding must produce)
+    for c, e in zip(chats, examples):
+        start = len(data.encode_prompt(c["messages"], tokenizer))
+        want = e["input_ids"][start:start + new_tokens]
+        checks.append((start, want[:want.index(stop) + 1] if stop in want else want))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(1, max_steps + 1):
         logits = model(ids)  # right padding: no mask needed for the real tokens
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step % 10 == 0:
+            with torch.no_grad():
+                logits = model(ids)
+            worst = math.inf
+            for row, (start, want) in zip(logits, checks):
+                got = row[start - 1:start - 1 + len(want)]  # (n, V): the logits that choose each wanted token
+                right = got.gather(1, torch.tensor(want)[:, None])[:, 0]
+                others = got.scatter(1, torch.tensor(want)[:, None], -math.inf).max(-1).values
+                worst = min(worst, (right - others).min().item())
+            if worst >= margin:
+                return step
+    raise AssertionError(f"_eval_fit: after {max_steps} steps the smallest margin is {worst:.3f} < {margin}")
 
 
 def _eval_test_chats():
@@ -1834,7 +1851,8 @@ def _eval_one_thread():
 
 @pytest.fixture(scope="module")
 def _eval_env(tmp_path_factory):
-    """Model folder, test data, and the reference run: one process, --batch-size 4."""
+    """A model fitted to the test chats (_eval_fit), a random one, the test data, and the reference run: one
+    process, --batch-size 4."""
     root = tmp_path_factory.mktemp("eval")
     train = data.toy_chats(50, seed=1)
     tokenizer = data.train_toy_tokenizer([data.render_chat(c["messages"]) for c in train]
@@ -1847,9 +1865,10 @@ def _eval_env(tmp_path_factory):
     torch.manual_seed(0)
     model = Qwen2(config)
     model.init_weights()
-    _eval_fit(model, tokenizer, [_eval_short(c) for c in train[:8]])
-    model.save_pretrained(root / "model", tokenizer_dir=root / "tok")
+    model.save_pretrained(root / "random", tokenizer_dir=root / "tok")  # near-uniform: sampling differs from greedy
     chats = _eval_test_chats()
+    _eval_fit(model, tokenizer, chats)
+    model.save_pretrained(root / "model", tokenizer_dir=root / "tok")
     (root / "test.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
     run = _eval_run(root, "ref", "--batch-size", "4", "--write-data", str(root / "seqkd.jsonl"))
     return {"root": root, "chats": chats, "ref": root / "ref", "stdout": run.stdout}
@@ -1927,15 +1946,16 @@ def test_eval_cli_sampling_is_seeded_per_batch(_eval_env, tmp_path):
     """Sampled replies come from one generator per batch, seeded by --seed and the batch's number: the same for one
     process or two, and not the greedy ones."""
     root, args = _eval_env["root"], ["--batch-size", "4", "--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]
-    main(["--model", str(root / "model"), "--data", str(root / "test.jsonl"), "--max-new-tokens", "24",
-          "--out", str(tmp_path / "one"), *args])
-    _eval_run(root, tmp_path / "two", *args, torchrun=True)
+    model = ["--model", str(root / "random")]  # near-uniform over ~400 ids: sampled replies are not the greedy ones
+    main([*model, "--data", str(root / "test.jsonl"), "--max-new-tokens", "24", "--out", str(tmp_path / "one"), *args])
+    _eval_run(root, tmp_path / "two", *args, *model, torchrun=True)
+    _eval_run(root, tmp_path / "greedy", "--batch-size", "4", *model)
     assert _eval_read(tmp_path / "one") == _eval_read(tmp_path / "two")
-    assert _eval_read(tmp_path / "one")[0] != _eval_read(_eval_env["ref"])[0]
+    assert [r["prediction"] for r in _eval_read(tmp_path / "one")[0]] != \
+        [r["prediction"] for r in _eval_read(tmp_path / "greedy")[0]]
 
 
 def test_eval_cli_scores_saved_predictions(_eval_env, tmp_path):
-    root = _eval_env["root"]
     subprocess.run([sys.executable, str(REPO / "evaluate.py"), "--predictions", str(_eval_env["ref"] /
                     "predictions.jsonl"), "--out", str(tmp_path / "rescored")], check=True, capture_output=True)
     (rows, summary), (ref_rows, ref_summary) = _eval_read(tmp_path / "rescored"), _eval_read(_eval_env["ref"])
@@ -1987,11 +2007,35 @@ def test_eval_write_data_leaves_out_replies_cut_at_max_new_tokens(tmp_path, caps
     write_seqkd_data(tmp_path / "seqkd.jsonl", examples, records)
     assert "left out 1 of 3 replies cut at --max-new-tokens" in capsys.readouterr().out
     assert data.load_rows(tmp_path / "seqkd.jsonl") == [
-        {"id": "c0", "messages": [*chats[0][:3], {"role": "assistant", "content": "model 0"}]},
+        {"id": "c0", "messages": [chats[0][0], {**chats[0][1], "weight": 0}, chats[0][2],
+                                  {"role": "assistant", "content": "model 0"}]},
         {"id": "c2", "messages": [chats[2][0], {"role": "assistant", "content": "model 2"}, chats[2][2]]}]
     with pytest.raises(SystemExit, match="all 3 replies were cut at --max-new-tokens"):  # not an empty training set
         write_seqkd_data(tmp_path / "none.jsonl", examples, [{**r, "finished": False} for r in records])
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_eval_seqkd_data_supervises_only_the_teachers_words(_data_toy, tmp_path, capsys):
+    """On multi-turn chats the earlier replies are gold text: SeqKD data keeps them as context ("weight": 0), so every
+    supervised token of it comes from the model's replies (and their <|im_end|>), none from a gold one."""
+    tok = _data_toy[1]
+    gold = ["Gold reply one, 7 + 5 = 12.", "Gold reply two: carry the 1.", "Gold three."]
+    chats = [[_data_u("user", "q1"), _data_u("assistant", gold[0]), _data_u("user", "q2"),
+              _data_u("assistant", gold[1]), _data_u("user", "q3"), _data_u("assistant", gold[2])],
+             [_data_u("system", "Be brief."), _data_u("user", "q"), _data_u("assistant", gold[0]),
+              _data_u("user", "and?"), _data_u("assistant", gold[1])]]
+    examples = [{"id": f"c{k}", "messages": m, "last": data.last_reply(m)} for k, m in enumerate(chats)]
+    teacher = ["Teacher says 9 x 9 = 81.", "Teacher: the sum is 40."]
+    records = [{"messages": ex["messages"][:ex["last"]], "prediction": t, "finished": True}
+               for ex, t in zip(examples, teacher)]
+    write_seqkd_data(tmp_path / "seqkd.jsonl", examples, records)
+    built = data.build_examples(data.load_rows(tmp_path / "seqkd.jsonl"), tok)
+    for ex, reply in zip(built, teacher):
+        supervised = [t for t, label in zip(ex["input_ids"], ex["labels"]) if label != -100]
+        assert tok.decode(supervised, skip_special_tokens=False) == reply + "<|im_end|>"
+    # the same chats as data (SFT) supervise every reply: the weight is what makes the difference
+    sft = data.build_examples([{"id": "x", "messages": chats[0]}], tok)[0]
+    assert tok.decode([t for t, label in zip(sft["input_ids"], sft["labels"]) if label != -100]) == "".join(gold)
 
 
 def test_eval_predictions_read_back_with_unicode_line_breaks(tmp_path):

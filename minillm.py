@@ -243,6 +243,8 @@ class MiniLLM:
         args, W, dev = self.args, self.world, self.device
         if step % self.steps_per_phase == 0 or self.minibatches is None:
             self.rollout(step // self.steps_per_phase)
+            for _ in range(step % self.steps_per_phase):  # resumed inside a phase (a finished run, extended): its
+                next(self.minibatches)  # rollouts come from the current weights, so this one point is not exact
         gen_s = self.rollout_stats.pop("gen_s", 0.0)
         rollout_mbs = next(self.minibatches)
         targets = [shifted(mb["labels"], IGNORE).to(dev) for mb in rollout_mbs]

@@ -366,8 +366,8 @@ class Qwen2(nn.Module):
     def compile_blocks(self):
         """torch.compile each block (training, evaluation, prefill) and the one-token decode step (generation).
         Call it after gradient checkpointing is set and before fully_shard: torchtitan's order."""
-        for layer in self.model.layers:
-            layer.compile()  # in place: the parameter names, and so the checkpoints, stay the same
+        for layer in self.model.layers:  # in place: the parameter names, and so the checkpoints, stay the same.
+            layer.compile(dynamic=True)  # dynamic: micro-batches and prompts vary in shape; one graph serves them
         self._decode = torch.compile(self._decode)
         return self
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import evaluate
+import minillm
 import train
 from deltakd import delta_kd_loss
 from evaluate import corpus_rouge, main, porter_stem, rouge, tokenize, write_seqkd_data
@@ -482,6 +483,25 @@ def test_model_greedy_generation_follows_oracle_argmax(tmp_path, name):
     hf_out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False,
                          pad_token_id=0, eos_token_id=None)
     assert torch.equal(out, hf_out)
+
+
+def test_model_decoding_steps_give_the_full_forward_logits(tmp_path):
+    """prefill + decode_step (a fixed-size cache, every slot attended under a mask) give, at each new token, the
+    logits that one full forward over the left-padded sequence gives; compiled, the same within 1e-5."""
+    ours, _ = _model_pair(tmp_path, "tied-gqa")
+    ids, mask = _model_left_pad([[5, 9, 1, 33, 7], [4, 90, 2], [17]])
+    new = torch.tensor([[3, 8, 11, 60], [12, 12, 5, 1], [40, 2, 9, 9]])  # (B, 4) tokens fed one at a time
+    full = ours(torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1))[:, ids.size(1) - 1:]
+    compiled = Qwen2(ours.config).eval()
+    compiled.load_state_dict(ours.state_dict())
+    compiled.compile_blocks()
+    for model, atol in ((ours, 1e-5), (compiled, 1e-5)):
+        logits, state = model.prefill(ids, mask, max_new_tokens=new.size(1))
+        steps = [logits] + [model.decode_step(state, new[:, k]) for k in range(new.size(1))]
+        torch.testing.assert_close(torch.stack(steps, 1), full, atol=atol, rtol=0)
+        assert torch.equal(state.real, torch.cat([mask, torch.ones_like(new)], 1).bool())  # padding stays unseen
+        assert state.slot.item() == ids.size(1) + new.size(1) and state.pos.tolist() == [9, 7, 5]
+    assert torch.equal(compiled.generate(ids, mask, max_new_tokens=6), ours.generate(ids, mask, max_new_tokens=6))
 
 
 def test_model_generation_eos_fill_and_early_stop(tmp_path):
@@ -1096,12 +1116,14 @@ _DATA_GOOD = {"messages": [_data_u("user", "q"), _data_u("assistant", "a")]}
     ({"prompt": "q", "response": None}, "non-string content"),
     (b'{"text": "caf\xe9"}\n', "invalid UTF-8"),
     ({"question": "q"}, "bad row"),
+    ({"messages": [_data_u("user", "q"), {**_data_u("assistant", "a"), "weight": 0.5}]}, "bad weight"),
+    ({"messages": [{**_data_u("user", "q"), "weight": 0}, _data_u("assistant", "a")]}, "bad weight"),
 ])
 def test_data_bad_input_names_file_and_line(tmp_path, bad, why, capsys):
     path = _data_write_jsonl(tmp_path / "rows.jsonl", [_DATA_GOOD, {"text": "fine"}, bad, _DATA_GOOD])
     with pytest.raises(ValueError, match=why) as err:
         data.load_rows(path)
-    assert f"{path}:3:" in str(err.value)
+    assert f"{path}:3:" in str(err.value) and "--skip-bad-rows" in str(err.value)
     rows = data.load_rows(path, skip_bad=True)
     assert [r["id"] for r in rows] == ["rows.jsonl:1", "rows.jsonl:2", "rows.jsonl:4"]
     assert f"skipped 1 bad rows of {path}: 1 {why}" in capsys.readouterr().out
@@ -1173,6 +1195,65 @@ def test_data_parquet_json_and_folders(tmp_path):
     assert [r.get("text") for r in rows[1:]] == ["t", None, "x", "y", "pq"]
     with pytest.raises(FileNotFoundError, match="not a Hub dataset id"):
         data.load_rows(tmp_path / "missing.jsonl")
+
+
+def _data_repeated_problems(n_problems=400, per_problem=5, seed=0):
+    """OpenMathReasoning-like rows: several solutions per problem, shuffled, some solutions long."""
+    rng = random.Random(seed)
+    rows = [{"problem": f"Problem {p}: what is {p} + {p}?", "generated_solution": f"Solution {k} of {p}. "
+             + "We think step by step. " * rng.choice([1, 2, 40]) + f"The answer is {2 * p}."}
+            for p in range(n_problems) for k in range(per_problem)]
+    rng.shuffle(rows)
+    return pa.Table.from_pylist(rows)
+
+
+def test_data_holdout_splits_by_problem_and_keeps_each_test_problem_once(tmp_path, capsys):
+    pq.write_table(_data_repeated_problems(), tmp_path / "cot-00000-of-00001.parquet")
+    problem = lambda r: r["messages"][0]["content"]
+    every = data.load_rows(tmp_path, split="cot")
+    train = data.load_rows(tmp_path, split="cot", holdout="train")
+    test = data.load_rows(tmp_path, split="cot", holdout="test")
+    assert not {problem(r) for r in train} & {problem(r) for r in test}  # no test problem is ever trained on
+    assert len({problem(r) for r in test}) == len(test)  # and each test problem appears once
+    assert {problem(r) for r in train} | {problem(r) for r in test} == {problem(r) for r in every}
+    assert len(train) + 5 * len(test) == len(every) and 0.02 < len(test) / 400 < 0.09  # about data.HOLDOUT of them
+    assert [problem(r) for r in data.load_rows(tmp_path, split="cot", holdout="test", max_rows=3)] == \
+        [problem(r) for r in test[:3]]
+    with pytest.raises(ValueError, match="holdout must be"):
+        data.load_rows(tmp_path, holdout="dev")
+
+
+def test_data_fit_keeps_rows_whose_chat_fits_and_counts_kept_rows(tmp_path, _data_toy, capsys):
+    """OpenMathReasoning's long solutions would lose their end and <|im_end|> when cut at max_len: with fit, only the
+    rows whose chat fits are kept, --max-rows counts the kept rows, and the rule is the one train.py --drop-long and
+    evaluate.py --max-len share."""
+    tok = _data_toy[1]
+    pq.write_table(_data_repeated_problems(40, 3), tmp_path / "cot.parquet")
+    every = data.load_rows(tmp_path / "cot.parquet")
+    lengths = [len(data.encode_chat(r["messages"], tok)["input_ids"]) for r in every]
+    max_len = sorted(lengths)[len(lengths) // 2]
+    kept = data.load_rows(tmp_path / "cot.parquet", fit=(tok, max_len))
+    assert [r["id"] for r in kept] == [r["id"] for r, n in zip(every, lengths) if n <= max_len]
+    assert f"{len(kept)} rows kept of {len(every)} read; the others' chats do not fit in {max_len}" in \
+        capsys.readouterr().out
+    assert len(data.load_rows(tmp_path / "cot.parquet", max_rows=7, fit=(tok, max_len))) == 7
+    examples = data.build_examples(kept, tok, max_len)  # nothing to cut: every reply keeps its <|im_end|>
+    im_end = tok.token_to_id("<|im_end|>")
+    assert all(e["input_ids"][-2] == im_end and e["labels"][-2] == im_end for e in examples)
+    text = _data_write_jsonl(tmp_path / "text.jsonl", [{"text": "a b c"}, {"text": "a " * 300}])
+    assert [r["text"] for r in data.load_rows(text, fit=(tok, 50))] == ["a b c"]  # + <|endoftext|>
+
+
+def test_data_weight_zero_replies_are_context(_data_toy):
+    """A reply with "weight": 0 (OpenAI's fine-tuning format) is rendered like any other but not supervised."""
+    tok = _data_toy[1]
+    chat = [_data_u("user", "q1"), {**_data_u("assistant", "gold one"), "weight": 0}, _data_u("user", "q2"),
+            {**_data_u("assistant", "trained two"), "weight": 1}]
+    ex = data.encode_chat(chat, tok)
+    assert data.render_chat(chat) == data.render_chat([{k: m[k] for k in ("role", "content")} for m in chat])
+    assert tok.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label != -100],
+                      skip_special_tokens=False) == "trained two<|im_end|>"
+    assert data.encode_chat(chat[:2], tok)["labels"] == [-100] * len(data.encode_chat(chat[:2], tok)["labels"])
 
 
 def test_data_folder_without_split_reads_train(tmp_path, _data_toy):
@@ -1289,24 +1370,63 @@ def test_data_batches_padding_fillers_and_shuffle():
     b = data.Batches(examples, batch_size=4, micro_batch_size=2, rank=1, world_size=2, seed=5, pad_id=0)
     steps = list(b)
     for step in steps:
-        assert len(step) == 1
-        mb = step[0]
-        T = mb["input_ids"].shape[1]
-        assert T % 8 == 0 and mb["input_ids"].dtype == mb["labels"].dtype == mb["attention_mask"].dtype
-        lengths = mb["attention_mask"].sum(1)
-        assert T == -(-int(lengths.max()) // 8) * 8
-        for row, mask, labels, n in zip(mb["input_ids"], mb["attention_mask"], mb["labels"], lengths):
-            assert (mask[:n] == 1).all() and (mask[n:] == 0).all() and (labels[n:] == -100).all()
-            if not (labels == -100).all():
-                ex = examples[int(row[0]) - 1]
-                assert row[:n].tolist() == ex["input_ids"] and labels[:n].tolist() == ex["labels"]
-    # 10 examples in batches of 4: the last global batch has 2, one per rank, so this rank gets one filler row.
-    assert [_data_step_ids(s)[1] for s in steps] == [0, 0, 1]
+        for mb in step:
+            T = mb["input_ids"].shape[1]
+            assert mb["input_ids"].dtype == mb["labels"].dtype == mb["attention_mask"].dtype == torch.long
+            lengths = mb["attention_mask"].sum(1)
+            assert T == min(-(-int(lengths.max()) // 8) * 8, 7)  # a multiple of 8, but never past the longest
+            for row, mask, labels, n, i in zip(mb["input_ids"], mb["attention_mask"], mb["labels"], lengths,
+                                               mb["index"]):
+                assert (mask[:n] == 1).all() and (mask[n:] == 0).all() and (labels[n:] == -100).all()
+                if i >= 0:
+                    ex = examples[int(i)]
+                    assert row[:n].tolist() == ex["input_ids"] and labels[:n].tolist() == ex["labels"]
+                else:  # a filler: one token, nothing supervised
+                    assert n == 1 and (labels == -100).all() and int(row[0]) == 0
+    # 10 examples in batches of 4 over 4 ranks: the last global batch has 2, one for each of two ranks, so the other
+    # two run a filler to keep the collectives in step
+    last = [list(data.Batches(examples, 4, 2, r, 4, seed=5))[-1] for r in range(4)]
+    assert sorted(_data_step_ids(s)[1] for s in last) == [0, 0, 1, 1] and {len(s) for s in last} == {1}
     epoch0 = [_data_step_ids(s)[0] for s in steps]
     epoch1 = [_data_step_ids(s)[0] for s in b]
     assert epoch0 != epoch1 and b.epoch == 2  # a new shuffle each epoch
     again = data.Batches(examples, batch_size=4, micro_batch_size=2, rank=1, world_size=2, seed=5)
     assert [_data_step_ids(s)[0] for s in again] == epoch0  # deterministic from the seed
+
+
+def _data_lognormal_examples(n, seed=0, median=900, sigma=0.6, cap=2048):
+    """Lengths like UltraChat-200k's under the Qwen2.5 tokenizer (bench.py data uses the same)."""
+    lengths = np.minimum(np.random.default_rng(seed).lognormal(math.log(median), sigma, n).astype(int) + 1, cap)
+    return [{"input_ids": np.full(n, i + 1, np.int32), "labels": np.full(n, i + 1, np.int32)}
+            for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("micro_batch_size", [2, 8])
+def test_data_batches_layout_is_balanced_capped_and_world_size_free(micro_batch_size):
+    """The paper command's shape: a global batch of 128 over 8 ranks. Laid out by length, at least 90% of the compute
+    goes to real tokens (FSDP waits for the slowest rank at every micro-batch, so an index costs its costliest
+    micro-batch on every rank); no micro-batch holds more than micro_batch_size x the longest example, padding
+    included; every rank runs as many micro-batches; and the union of a step over ranks is the same examples for
+    any world size. Integer arithmetic only: this holds on any CPU."""
+    examples = _data_lognormal_examples(128 * 6)
+    cap = micro_batch_size * max(len(e["input_ids"]) for e in examples)
+    unions = {}
+    for world in (1, 2, 8):
+        ranks = [data.Batches(examples, 128, micro_batch_size, r, world, seed=4) for r in range(world)]
+        real = compute = 0
+        for k, steps in enumerate(zip(*ranks)):
+            assert len({len(s) for s in steps}) == 1
+            for i in range(len(steps[0])):
+                sizes = [s[i]["input_ids"].numel() for s in steps]
+                assert max(sizes) <= cap
+                compute += max(sizes) * world
+                real += sum(int(s[i]["attention_mask"].sum()) for s in steps)
+            unions.setdefault(k, []).append(sorted(int(r[0]) for s in steps for mb in s for r in mb["input_ids"]
+                                                   if r[0] != 0))
+        if world == 8:
+            assert real / compute >= 0.9, real / compute
+    for k, per_world in unions.items():
+        assert per_world[0] == per_world[1] == per_world[2] and len(per_world[0]) == 128
 
 
 def test_data_batches_resume_exactly():
@@ -1341,11 +1461,9 @@ def test_data_batches_resume_exactly():
 
 
 def test_data_batches_bad_arguments():
-    with pytest.raises(ValueError, match="batch_size 6 is not divisible by world_size 4"):
-        data.Batches(_data_examples(4), 6, 1, world_size=4)
-    with pytest.raises(ValueError, match="= 4 is not divisible by micro_batch_size 3"):
-        data.Batches(_data_examples(4), 8, 3, world_size=2)
-    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, world_size=2\)"):
+    with pytest.raises(ValueError, match="need batch_size >= 1, micro_batch_size >= 1 and 0 <= rank < world_size"):
+        data.Batches(_data_examples(4), 8, 0, world_size=4)
+    with pytest.raises(ValueError, match=r"rank 2 of 2"):
         data.Batches(_data_examples(4), 8, 1, rank=2, world_size=2)
     with pytest.raises(ValueError, match="no examples"):
         data.Batches([], 8, 1)
@@ -1686,24 +1804,118 @@ def test_train_every_loss_under_torchrun(_train_world, tmp_path, loss):
     assert after.keys() == before.keys() and "lm_head.weight" not in after  # tied: stored once
     assert max((after[k] - before[k]).abs().max().item() for k in after) > 1e-4
     assert (out / "final" / "tokenizer.json").exists() and final.config.vocab_size == 632
+    # trained on chats, the export stops at <|im_end|> as well as <|endoftext|>, as Qwen2.5-Instruct's files say
+    from transformers import GenerationConfig
+    tok = data.load_tokenizer(out / "final")
+    stops = [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]
+    assert GenerationConfig.from_pretrained(out / "final").eos_token_id == stops
+    assert json.loads((out / "final" / "config.json").read_text())["eos_token_id"] == stops
 
 
-def test_train_sft_loss_decreases(_train_world, tmp_path):
+def test_train_sft_loss_decreases_and_a_text_export_keeps_its_eos(_train_world, tmp_path):
+    """One fixed batch of eight documents, seen at every step: fitting it is what Adam does whatever the CPU's
+    rounding, so a wide margin holds. Trained on plain text, the export keeps the base model's eos."""
+    docs = _data_write_jsonl(tmp_path / "docs.jsonl", [{"text": f"{i} + {i} = {2 * i}. " * 4} for i in range(8)])
     out = tmp_path / "sft"
-    _train_run(_train_world, out, "--batch-size", "8", "--micro-batch-size", "8", "--max-steps", "24",
-               "--warmup-steps", "2", loss="sft")
+    _train_run(_train_world, out, "--data", str(docs), "--batch-size", "8", "--micro-batch-size", "8",
+               "--max-steps", "24", "--warmup-steps", "2", "--lr", "1e-2", loss="sft")
     losses = [r["loss"] for r in _train_metrics(out)]
-    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4, losses  # about 0.4 where we ran it
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["eos_token_id"] == json.loads((_train_world["student"] / "config.json").read_text())["eos_token_id"]
+    assert not (out / "final" / "generation_config.json").exists()
 
 
 def test_train_same_update_for_any_world_size_and_micro_batch(_train_world, tmp_path):
     common = ["--batch-size", "8", "--max-steps", "3", "--dtype", "fp32", "--temperature", "2", "--lam", "0.3"]
     _train_run(_train_world, tmp_path / "one", *common, "--micro-batch-size", "2")
     _train_run(_train_world, tmp_path / "two", *common, "--micro-batch-size", "4", "--grad-ckpt", nproc=2)
+    _train_run(_train_world, tmp_path / "zero", *common, "--micro-batch-size", "2", "--on-policy", "0")
     one, two = _train_weights(tmp_path / "one" / "final"), _train_weights(tmp_path / "two" / "final")
     start = _train_weights(_train_world["student"])
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # the steps did move the weights
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    zero = _train_weights(tmp_path / "zero" / "final")
+    assert all(torch.equal(zero[k], one[k]) for k in one)  # --on-policy 0 is today's run, bit for bit
+
+
+_TRAIN_MINILLM = ["--batch-size", "8", "--num-rollouts", "8", "--max-new-tokens", "12",
+                  "--dtype", "fp32"]
+
+
+@pytest.mark.parametrize("method", ["minillm", "deltakd-on-policy"])
+def test_train_on_policy_methods_under_torchrun(_train_world, tmp_path, method):
+    """MiniLLM (a rollout phase of 2 PPO epochs over 8 rollouts: 2 steps) and on-policy Delta-KD on two processes."""
+    args = [*_TRAIN_MINILLM, "--ppo-epochs", "2"] if method == "minillm" else \
+        ["--batch-size", "8", "--on-policy", "1", "--max-new-tokens", "12"]
+    out = tmp_path / method
+    _train_run(_train_world, out, *args, "--micro-batch-size", "2", "--max-steps", "3", nproc=2,
+               loss="minillm" if method == "minillm" else "deltakd")
+    records = _train_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    keys = ["loss", "kd", "grad_norm", "gen_share", "reply_len"] + (["sft", "pg", "reward", "rkl"] if method ==
+                                                                      "minillm" else [])
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in keys), r
+        assert 0 < r["reply_len"] <= 12
+    if method == "minillm":  # a new phase at step 3 samples again; within a phase the rollout values stay
+        assert records[0]["gen_share"] > 0 and records[1]["gen_share"] == 0 and records[2]["gen_share"] > 0
+        assert records[0]["rkl"] == records[1]["rkl"] and records[0]["reward"] == pytest.approx(-0.5 *
+                                                                                                records[0]["rkl"])
+        for r in records:
+            assert r["loss"] == pytest.approx(r["pg"] + r["kd"] + 0.5 * r["sft"], rel=1e-5, abs=1e-6)
+    else:  # every step is on-policy: the SFT term, which counts data replies only, is absent
+        assert all("sft" not in r and r["loss"] == pytest.approx(0.5 * r["kd"], rel=1e-5) for r in records)
+    assert Qwen2.from_pretrained(out / "final", dtype=torch.float32).config.vocab_size == 632
+
+
+def test_train_minillm_same_update_for_any_world_size_and_exact_resume(_train_world, tmp_path):
+    """With one PPO epoch, one process and two give the same first-step gradient norm and the same weights: the
+    rollouts are seeded per prompt, gathered, and laid out like data. A run resumed from a checkpoint samples the
+    same rollouts and ends with the same weights, bit for bit."""
+    common = [*_TRAIN_MINILLM, "--ppo-epochs", "1", "--max-steps", "3", "--save-every", "2"]
+    _train_run(_train_world, tmp_path / "one", *common, "--micro-batch-size", "2", loss="minillm")
+    _train_run(_train_world, tmp_path / "two", *common, "--micro-batch-size", "4", nproc=2, loss="minillm")
+    (first_one, *_), (first_two, *_) = _train_metrics(tmp_path / "one"), _train_metrics(tmp_path / "two")
+    assert first_two["grad_norm"] == pytest.approx(first_one["grad_norm"], rel=1e-5)
+    one, two = _train_weights(tmp_path / "one" / "final"), _train_weights(tmp_path / "two" / "final")
+    start = _train_weights(_train_world["student"])
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # the steps did move the weights
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+    shutil.rmtree(tmp_path / "one" / "final")
+    shutil.rmtree(tmp_path / "one" / "checkpoints" / "step-3")
+    result = _train_run(_train_world, tmp_path / "one", *common, "--micro-batch-size", "2", loss="minillm")
+    assert "step-2 at step 2" in result.stdout
+    resumed = _train_weights(tmp_path / "one" / "final")
+    assert all(torch.equal(resumed[k], one[k]) for k in one)
+
+
+def test_train_same_data_is_checked_on_every_rank(tmp_path):
+    """Each rank loads the data itself; two that read different data stop at once, naming the difference."""
+    script = tmp_path / "check.py"
+    script.write_text(f"""
+import os, sys, numpy as np, torch.distributed as dist
+sys.path.insert(0, {str(REPO)!r})
+import train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+examples = [{{"input_ids": np.arange(5, dtype=np.int32), "labels": np.arange(5, dtype=np.int32)}}] * (3 + rank)
+train.check_same_data(examples, rank, 2)
+print("same data")
+""")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "same data" not in result.stdout
+    assert re.search(r"error: the processes loaded different data .*: rank 0: 3, \w+, rank 1: 4, \w+", result.stderr)
+
+
+def test_train_compile_equals_eager(_train_world, tmp_path):
+    """--compile (after --grad-ckpt, before FSDP): 20 steps end within 1e-4 of eager's weights."""
+    common = ["--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "20", "--dtype", "fp32"]
+    _train_run(_train_world, tmp_path / "eager", *common, loss="sft")
+    _train_run(_train_world, tmp_path / "compiled", *common, "--compile", "--grad-ckpt", loss="sft")
+    eager, compiled = _train_weights(tmp_path / "eager" / "final"), _train_weights(tmp_path / "compiled" / "final")
+    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-4
 
 
 def test_train_resume_gives_identical_weights(_train_world, tmp_path):
@@ -1753,8 +1965,17 @@ def test_train_bad_arguments_are_refused_before_loading(_train_world, tmp_path):
     base = ["--model", w["student"], "--data", w["data"], "--out", str(tmp_path / "x")]
     _train_expect_exit(base + ["--loss", "fkl"], "--loss fkl needs --teacher")
     _train_expect_exit(base + ["--loss", "deltakd", "--teacher", w["teacher"]], "needs --teacher-raw")
-    _train_expect_exit(base + ["--loss", "sft", "--batch-size", "10", "--micro-batch-size", "4"],
-                       "--batch-size 10 is not divisible by --micro-batch-size 4 x 1 processes")
+    _train_expect_exit(base + ["--loss", "sft", "--on-policy", "0.5"], "--on-policy 0.5: a fraction in [0, 1], for")
+    _train_expect_exit(base + ["--loss", "minillm", "--teacher", w["teacher"], "--num-rollouts", "12",
+                               "--batch-size", "8"], "--num-rollouts (12) a multiple of --batch-size (8)")
+    _train_expect_exit(base + ["--loss", "minillm", "--teacher", w["teacher"], "--mix", "1"], "--mix 1.0 must lie in")
+    _train_expect_exit(base + ["--loss", "sft", "--micro-batch-size", "0"], "must be at least 1")
+    truncated = tmp_path / "truncated"  # a download cut short: named in one line, before any data is read
+    shutil.copytree(w["teacher"], truncated)
+    raw = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    _train_expect_exit(base + ["--loss", "fkl", "--teacher", str(truncated)],
+                       f"error: --teacher: {truncated / 'model.safetensors'} is truncated or corrupt")
     _train_expect_exit(["--model", w["student"], "--data", str(tmp_path / "nope.jsonl"), "--out", "x", "--loss", "sft"],
                        f"error: --data: {tmp_path / 'nope.jsonl'}: no such file or folder")
     _train_expect_exit(["--model", str(tmp_path / "missing"), "--data", w["data"], "--out", "x", "--loss", "sft"],
@@ -1770,6 +1991,155 @@ def test_train_bad_arguments_are_refused_before_loading(_train_world, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     _train_expect_exit(base + ["--loss", "fkl", "--teacher", str(other)], "has a different tokenizer")
     assert not (tmp_path / "x").exists()  # nothing was written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# minillm.py: the policy-gradient estimator against exact enumeration, and teacher-mixed sampling
+
+_MINI_VOCAB, _MINI_STOP, _MINI_REPLY, _MINI_PROMPT = 5, 4, 3, [1, 2]  # replies of at most 3 tokens from 5: 85 of them
+
+
+def _mini_model(seed, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = Qwen2(Qwen2Config(vocab_size=_MINI_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, rope_theta=1e6, initializer_range=0.5))
+    model.init_weights()
+    return model.to(dtype)
+
+
+def _mini_replies():
+    """Every reply: it ends at the stop token, or is cut after _MINI_REPLY tokens."""
+    return [list(y) for n in range(1, _MINI_REPLY + 1) for y in itertools.product(range(_MINI_VOCAB), repeat=n)
+            if _MINI_STOP not in y[:-1] and (n == _MINI_REPLY or y[-1] == _MINI_STOP)]
+
+
+def _mini_token_log_probs(model, reply):
+    logits = model(torch.tensor([_MINI_PROMPT + reply]))[0, len(_MINI_PROMPT) - 1:-1]  # the logits choosing the reply
+    return torch.log_softmax(logits, -1)[range(len(reply)), reply]  # (n,)
+
+
+def _mini_grad(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _mini_exact_gradient(student, teacher):
+    """The gradient of the sequence-level KL(q || p) = sum over replies y of q(y) (log q(y) - log p(y))."""
+    student.zero_grad()
+    kl = 0.0
+    for y in _mini_replies():
+        log_q = _mini_token_log_probs(student, y).sum()
+        with torch.no_grad():
+            log_p = _mini_token_log_probs(teacher, y).sum()
+        kl = kl + log_q.exp() * (log_q - log_p)
+    kl.backward()
+    return _mini_grad(student)
+
+
+def _mini_estimate(student, teacher, reply, mix):
+    """MiniLLM's estimate from one reply, in its unbiased settings (reward scale 1, no clipping, no length
+    normalisation or whitening), at theta = theta_old: the gradient of L_pg + L_single, both summed over the reply."""
+    with torch.no_grad():
+        log_q, log_p = (_mini_token_log_probs(m, reply).numpy() for m in (student, teacher))
+    log_mix = np.logaddexp(np.log1p(-mix) + log_q, np.log(mix) + log_p) if mix else log_q
+    adv = minillm.advantages([log_p - log_q], length_norm=False, whiten=False)[0]
+    n = len(_MINI_PROMPT)
+    per_token = lambda values: minillm.shifted(torch.tensor([[0.0] * n + list(values)], dtype=torch.float64), 0.0)
+    ids, targets = torch.tensor([_MINI_PROMPT + reply]), minillm.shifted(torch.tensor([[-100] * n + reply]), -100)
+    student.zero_grad()
+    logits = student(ids)
+    with torch.no_grad():
+        teacher_logits = teacher(ids)
+    pg = minillm.policy_loss(logits, targets, per_token(log_q), per_token(adv), per_token(np.exp(log_q - log_mix)),
+                             _MINI_VOCAB, 1.0, clip=math.inf)
+    single = delta_kd_loss(logits, targets, teacher_logits, alpha=0.0, lam=0.0, divergence="rkl", num_tokens=1)
+    (pg + single).backward()
+    return _mini_grad(student)
+
+
+def _mini_reply_prob(student, teacher, reply, mix):
+    with torch.no_grad():
+        log_q, log_p = (_mini_token_log_probs(m, reply) for m in (student, teacher))
+    return float(torch.logaddexp(math.log1p(-mix) + log_q, math.log(mix) + log_p).sum().exp() if mix else
+                 log_q.sum().exp())
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.2])
+def test_minillm_policy_gradient_against_the_exact_sequence_level_gradient(mix):
+    """Every reply can be enumerated, so the exact gradient of KL(q || p), the exact mean of MiniLLM's estimate under
+    the sampling distribution p~, and the mean over replies drawn by minillm.sample_replies can all be compared.
+
+    m = 0: the estimate's mean is the exact gradient (up to rounding), and 4000 sampled replies average to it
+    within 5 standard errors, in the gradient's own direction and in a random one.
+    m = 0.2: the sampled replies average to the estimate's exact mean under p~, which checks the teacher-mixed sampling
+    and the importance weights. That mean is not the exact gradient: MiniLLM weights each token by its own ratio
+    q / p~ where an unbiased estimate would multiply the ratios of the prefix and the future (their Sec. 2.3). Here
+    that approximation is off by over 5% of the gradient's norm; the test pins it, so the docstring stays true."""
+    student, teacher = _mini_model(1), _mini_model(2)
+    replies = _mini_replies()
+    exact = _mini_exact_gradient(student, teacher)
+    estimates = torch.stack([_mini_estimate(student, teacher, y, mix) for y in replies])  # (replies, params)
+    probs = torch.tensor([_mini_reply_prob(student, teacher, y, mix) for y in replies], dtype=torch.float64)
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-9)
+    mean = probs @ estimates  # the estimate's exact mean under p~
+    samples = 4000
+    drawn = minillm.sample_replies(student.float(), [_MINI_PROMPT] * samples, list(range(samples)),
+                                   [_MINI_REPLY] * samples, [_MINI_STOP], _MINI_VOCAB, teacher.float(), mix)
+    where = {tuple(y): i for i, y in enumerate(replies)}
+    freq = torch.zeros(len(replies), dtype=torch.float64)
+    for r in drawn:
+        freq[where[tuple(r["tokens"])]] += 1 / samples
+    sampled = freq @ estimates
+    for u in (mean / mean.norm(), torch.randn(len(mean), dtype=torch.float64, generator=torch.Generator().manual_seed(0))):
+        u = u / u.norm()
+        along = estimates @ u
+        std_error = ((probs @ (along - probs @ along) ** 2) / samples).sqrt()
+        assert abs((sampled - mean) @ u) < 5 * std_error  # the sampler draws from p~
+    bias = ((mean - exact).norm() / exact.norm()).item()
+    if mix == 0:
+        assert bias < 1e-5  # float64, up to the CPU attention kernel's own rounding (~1e-7 here)
+    else:
+        assert bias > 0.05  # MiniLLM's single-token importance weight: an approximation (see the docstring)
+
+
+def test_minillm_teacher_mixed_sampling_draws_from_the_mixture():
+    """The first token's distribution is fixed by the prompt: 20000 draws at m = 0.2 match p~ = 0.8 q + 0.2 p by a
+    chi-square test (4 degrees of freedom; 30 is p < 1e-5), and are far from q alone, so the test can tell. The
+    log-probabilities recorded with each token are the models' own."""
+    student, teacher = _mini_model(1, torch.float32), _mini_model(2, torch.float32)
+    with torch.no_grad():
+        q, p = (torch.softmax(m(torch.tensor([_MINI_PROMPT]))[0, -1].double(), -1) for m in (student, teacher))
+    n = 20000
+    drawn = minillm.sample_replies(student, [_MINI_PROMPT] * n, list(range(n)), [1] * n, [_MINI_STOP], _MINI_VOCAB,
+                                   teacher, 0.2)
+    counts = torch.bincount(torch.tensor([r["tokens"][0] for r in drawn]), minlength=_MINI_VOCAB).double()
+    chi2 = lambda dist: ((counts - n * dist) ** 2 / (n * dist)).sum().item()
+    assert chi2(0.8 * q + 0.2 * p) < 30 and chi2(q) > 300
+    for r in drawn[:50]:
+        t = r["tokens"][0]
+        assert r["log_q"][0] == pytest.approx(math.log(q[t]), abs=1e-5)
+        assert r["log_p"][0] == pytest.approx(math.log(p[t]), abs=1e-5)
+        assert r["log_mix"][0] == pytest.approx(math.log(0.8 * q[t] + 0.2 * p[t]), abs=1e-5)
+
+
+def test_minillm_single_step_term_is_the_token_level_reverse_kl():
+    """MiniLLM's single-step term is delta_kd_loss(rkl, alpha=0, lam=0): sum over positions of KL(q || p) over the
+    first vocab_size ids, divided by num_tokens, against a float64 formula; the teacher's lm_head may be longer."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 7, 11, generator=g, dtype=torch.float64), torch.randn(2, 7, 13, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 11, (2, 7), generator=g)
+    targets[0, :3] = -100
+    got = delta_kd_loss(s, targets, t, alpha=0.0, lam=0.0, divergence="rkl", vocab_size=11, num_tokens=5.0)
+    log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t[..., :11], -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    assert got.item() == pytest.approx((kl * (targets != -100)).sum().item() / 5.0, rel=1e-12)
+
+
+def test_minillm_advantages_follow_the_future_reward():
+    r = np.array([1.0, 2.0, 4.0])
+    assert minillm.advantages([r], length_norm=False, whiten=False)[0].tolist() == [6.0, 4.0, 0.0]
+    assert minillm.advantages([r], whiten=False)[0].tolist() == [3.0, 4.0, 0.0]  # the mean of the 2, 1, 0 after it
+    whitened = np.concatenate(minillm.advantages([r, np.array([5.0])]))
+    assert abs(whitened.mean()) < 1e-9 and whitened.std() == pytest.approx(1.0, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2015,6 +2385,41 @@ def test_eval_write_data_leaves_out_replies_cut_at_max_new_tokens(tmp_path, caps
     assert not (tmp_path / "none.jsonl").exists()
 
 
+def test_eval_cli_reports_the_rouge_ceiling(_eval_env):
+    """summary.json carries what a perfect reply could score under --max-new-tokens: each reference cut there."""
+    rows, summary = _eval_read(_eval_env["ref"])
+    tok = data.load_tokenizer(_eval_env["root"] / "model")
+    cut = [tok.decode(tok.encode(r["reference"], add_special_tokens=False).ids[:24]) for r in rows]
+    assert summary["ceiling_stemmed"] == corpus_rouge([rouge(c, r["reference"], True) for c, r in zip(cut, rows)])
+    assert summary["ceiling_stemmed"]["rouge1"] < 0.95  # the long references do not fit in 24 tokens
+    assert evaluate.rouge_ceiling([r["reference"] for r in rows], tok, 1000)["rougeL"] == 1.0
+    assert "ceiling" in _eval_env["stdout"]
+
+
+def test_eval_prompts_keep_the_system_prompt_and_the_last_user_turn(_data_toy, tmp_path, capsys):
+    tok = _data_toy[1]
+    chat = [_data_u("system", "Be brief."), _data_u("user", "first question " * 20), _data_u("assistant", "a1 " * 20),
+            _data_u("user", "second question"), _data_u("assistant", "a2"), _data_u("user", "last question"),
+            _data_u("assistant", "the reply")]
+    whole = data.encode_prompt(chat, tok)
+    assert evaluate.prompt_within(chat, tok, len(whole)) == (chat[:6], whole)
+    kept, ids = evaluate.prompt_within(chat, tok, len(whole) - 1)  # the oldest exchange goes, whole
+    assert kept == [chat[0], *chat[3:6]] and ids == data.encode_prompt(kept + [chat[6]], tok)
+    smallest = data.encode_prompt([chat[0], chat[5], chat[6]], tok)
+    assert evaluate.prompt_within(chat, tok, len(smallest))[0] == [chat[0], chat[5]]
+    assert evaluate.prompt_within(chat, tok, len(smallest) - 1) == (None, None)
+    # through the CLI: the count is reported, and the rows that cannot fit are left out
+    short = [_data_u("system", "Hi."), _data_u("user", "q"), _data_u("assistant", "a")]
+    rows = [{"id": "long", "messages": chat}, {"id": "short", "messages": short}]
+    path = _data_write_jsonl(tmp_path / "chats.jsonl", rows)
+    args = evaluate.get_args(["--model", "m", "--data", str(path), "--max-prompt-len", str(len(smallest) - 1)])
+    assert [e["id"] for e in evaluate.load_examples(args, tok)] == ["short"]
+    assert "cut 1 of 2 prompts to their latest turns, and left out the 1 whose" in capsys.readouterr().out
+    args = evaluate.get_args(["--model", "m", "--data", str(path), "--max-prompt-len", str(len(whole) - 1)])
+    examples = evaluate.load_examples(args, tok)
+    assert [e["context"] for e in examples] == [kept, short[:2]]
+
+
 def test_eval_seqkd_data_supervises_only_the_teachers_words(_data_toy, tmp_path, capsys):
     """On multi-turn chats the earlier replies are gold text: SeqKD data keeps them as context ("weight": 0), so every
     supervised token of it comes from the model's replies (and their <|im_end|>), none from a gold one."""
@@ -2065,6 +2470,14 @@ def test_eval_cli_bad_input_fails_before_any_work(_eval_env, tmp_path):
             main(argv)
         assert not out.exists()  # nothing was written: the error came first
 
+    truncated = tmp_path / "truncated"  # a download cut short: one line naming the file, before any data is read
+    shutil.copytree(root / "model", truncated)
+    raw = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(raw[:len(raw) - 100])
+    fails(["--model", str(truncated), "--data", str(root / "test.jsonl"), "--out", str(out)],
+          r"error: --model .*truncated: .*truncated/model\.safetensors is truncated or corrupt")
+    with pytest.raises(ValueError, match="is truncated or corrupt"):
+        Qwen2.from_pretrained(truncated)
     no_tok = tmp_path / "no-tokenizer"
     shutil.copytree(root / "model", no_tok)
     (no_tok / "tokenizer.json").unlink()

@@ -102,7 +102,9 @@ def get_args(argv=None):
     g = p.add_argument_group("output and runtime")
     g.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/step-N/, final/; with "
                                                 "several nodes, on a filesystem that every node sees")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N steps (and at the end); minillm: at the first rollout-phase boundary "
+                        "after each N, so that a resumed run samples the same rollouts")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
     g.add_argument("--log-every", type=int, default=10, help="log every N steps")
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
@@ -130,12 +132,9 @@ def check_args(args, world_size):
         sys.exit(f"error: --on-policy {args.on_policy}: a fraction in [0, 1], for --loss fkl, rkl or deltakd")
     if not 0 <= args.mix < 1:
         sys.exit(f"error: --mix {args.mix} must lie in [0, 1): the student's share keeps the importance weights finite")
-    if args.loss == "minillm":
-        phase = args.ppo_epochs * args.num_rollouts // args.batch_size
-        if args.num_rollouts % args.batch_size or args.save_every % phase:
-            sys.exit(f"error: --loss minillm needs --num-rollouts ({args.num_rollouts}) a multiple of --batch-size "
-                     f"({args.batch_size}), and --save-every ({args.save_every}) a multiple of the {phase} steps of a "
-                     "rollout phase (--ppo-epochs x --num-rollouts / --batch-size): checkpoints fall between phases")
+    if args.loss == "minillm" and args.num_rollouts % args.batch_size:
+        sys.exit(f"error: --loss minillm needs --num-rollouts ({args.num_rollouts}) a multiple of --batch-size "
+                 f"({args.batch_size})")
     if not (args.max_steps or args.epochs > 0) or args.save_every < 1 or args.keep_checkpoints < 1:
         sys.exit("error: need --max-steps > 0 or --epochs > 0, --save-every >= 1 and --keep-checkpoints >= 1")
 
@@ -372,6 +371,7 @@ def main(argv=None):
     flops_per_token = 6 * n_params["student"] + 2 * sum(v for k, v in n_params.items() if k != "student")
 
     # --- the loop
+    next_save = (step // args.save_every + 1) * args.save_every
     stats, counts = {}, {}  # sums since the last log of this rank's shares; how many steps reported each value
     t_log, steps_since_log = time.perf_counter(), 0
     while step < total_steps:
@@ -432,8 +432,9 @@ def main(argv=None):
                 t_log, steps_since_log = time.perf_counter(), 0
 
             # --- checkpoint
-            if step % args.save_every == 0 or step == total_steps:
+            if step == total_steps or (step >= next_save and (not ppo or step % ppo.steps_per_phase == 0)):
                 save_checkpoint(out, step, student, optimizer, batches, args, rank)
+                next_save = (step // args.save_every + 1) * args.save_every
             if step == total_steps:
                 break
 

@@ -378,36 +378,37 @@ class Batches:
         """One global step's examples as world_size x K runs of example indices, run j going to rank j % world_size
         as its micro-batch j // world_size. An empty run is a filler."""
         order = sorted(indices, key=lambda i: (-self.lengths[i], i))  # longest first; the index breaks ties
-        cost = [self.padded(self.lengths[i]) for i in order]  # of a row, in a run that starts at it
+        W = self.world_size
+        fewest = W * -(-len(self._cut(order, self.max_tokens)) // W)  # the fewest runs per rank the memory cap allows
+        # A round of W runs costs its costliest on every rank. One more round can cut both padding and waiting.
+        return min((self._balanced(order, slots) for slots in (fewest, fewest + W)),
+                   key=lambda runs: sum(self._cost(runs[k]) for k in range(0, len(runs), W)))
 
-        def cut(cap):  # greedy: each run as long as its cost (rows x its first row's padded length) stays <= cap
-            runs, start = [], 0
-            for k in range(len(order) + 1):
-                if k == len(order) or (k > start and (k - start + 1) * cost[start] > cap):
-                    runs.append(order[start:k])
-                    start = k
-            return runs
+    def _cost(self, run):  # of a micro-batch: rows x padded length, set by its first (longest) row
+        return len(run) * self.padded(self.lengths[run[0]]) if run else 0
 
-        def runs_for(slots):  # the smallest cap that still fits in `slots` runs evens the costs out
-            lo, hi = max(cost), self.max_tokens
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if len(cut(mid)) <= slots else (mid + 1, hi)
-            runs = cut(lo)
-            while len(runs) < slots and any(len(run) > 1 for run in runs):  # an idle slot: split the costliest run
-                run = max((run for run in runs if len(run) > 1), key=run_cost)
-                k = min(range(1, len(run)), key=lambda k: max(run_cost(run[:k]), run_cost(run[k:])))
-                runs.remove(run)
-                runs += [run[:k], run[k:]]
-            runs = sorted(runs, key=run_cost, reverse=True)  # dealt in rounds of W: similar costs side by side
-            return runs + [[]] * (slots - len(runs))
+    def _cut(self, order, cap):
+        """Greedy: each run takes rows in order while its cost stays within cap (a single row always fits)."""
+        runs, start = [], 0
+        for k in range(1, len(order) + 1):
+            if k == len(order) or (k + 1 - start) * self.padded(self.lengths[order[start]]) > cap:
+                runs.append(order[start:k])
+                start = k
+        return runs
 
-        def waste(runs):  # what the ranks pay (each round costs its costliest run, on every rank) minus real tokens
-            return W * sum(run_cost(runs[k]) for k in range(0, len(runs), W)) - self.lengths[order].sum()
-
-        W, run_cost = self.world_size, lambda run: len(run) * self.padded(self.lengths[run[0]]) if run else 0
-        fewest = W * -(-len(cut(self.max_tokens)) // W)  # the fewest micro-batches per rank the memory cap allows
-        return min((runs_for(fewest), runs_for(fewest + W)), key=waste)  # one more round can cut padding and waits
+    def _balanced(self, order, slots):
+        """`slots` runs whose costs are as even as the row lengths allow, costliest first."""
+        lo, hi = max(self._cost([i]) for i in order), self.max_tokens
+        while lo < hi:  # the smallest cap that still fits in `slots` runs
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(self._cut(order, mid)) <= slots else (mid + 1, hi)
+        runs = self._cut(order, lo)
+        while len(runs) < slots and any(len(run) > 1 for run in runs):  # an idle slot: split the costliest run
+            run = max((run for run in runs if len(run) > 1), key=self._cost)
+            k = min(range(1, len(run)), key=lambda k: max(self._cost(run[:k]), self._cost(run[k:])))
+            runs.remove(run)
+            runs += [run[:k], run[k:]]
+        return sorted(runs, key=self._cost, reverse=True) + [[]] * (slots - len(runs))
 
     def _collate(self, run):
         rows = [self.examples[i] for i in run] or [None]  # None: a filler row

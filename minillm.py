@@ -106,7 +106,7 @@ def sample_replies(student, prompts, seeds, limits, stop_ids, vocab_size, teache
     s_logits, s_state = student.prefill(ids, mask, N)
     t_logits, t_state = teacher.prefill(ids, mask, N) if teacher is not None else (None, None)
     out = [{"tokens": [], "log_q": [], "log_p": [], "log_mix": []} for _ in range(B)]
-    live = [n > 0 for n in limits]
+    live, tok = [n > 0 for n in limits], None
     for n in range(N):
         if not any(live):
             break
@@ -156,11 +156,13 @@ def policy_loss(logits, targets, log_q_old, adv, weight, vocab_size, num_tokens,
 
 
 def shifted(x, fill):
-    """logits[:, i] predicts the token at i + 1: per-token fields move left by one."""
+    """logits[:, i] predicts the token at i + 1: labels, and any per-token field, move left by one; nothing at the end.
+    (train.py shifts its targets with this too.)"""
     return F.pad(x[:, 1:], (0, 1), value=fill)
 
 
 def global_count(targets, device):
+    """The number of counted positions in a step's targets over all ranks: what every loss term is divided by."""
     n = sum((t != IGNORE).sum() for t in targets).to(device)
     dist.all_reduce(n)
     return n

@@ -28,15 +28,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
     set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-import minillm
 from data import IGNORE, Batches, build_examples, load_rows, load_tokenizer
 from deltakd import delta_kd_loss
+from minillm import MiniLLM, global_count, on_policy_batches, shifted
 from model import Qwen2, Qwen2Config, checkpoint_shapes, load_weights, resolve_model_dir
 
 LOSSES = {  # how the paper's token-level methods fall out of delta_kd_loss
@@ -183,13 +182,11 @@ def check_same_data(examples, rank, world):
 def kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device, world, scale=1.0):
     """Forward and backward of one optimizer step of a token-level loss; returns this rank's share of the logged
     values. scale multiplies the loss: 1 - lam on an on-policy step, whose KD term alone is trained."""
-    # targets are the labels shifted left: logits[:, i] predicts labels[:, i + 1], nothing at the end
-    targets = [F.pad(mb["labels"][:, 1:], (0, 1), value=IGNORE).to(device) for mb in micro_batches]
+    targets = [shifted(mb["labels"], IGNORE).to(device) for mb in micro_batches]
     # The global count of supervised tokens, all-reduced before the step, so the same global batch gives the same
     # update however it is split. FSDP averages gradients over ranks, so each rank divides by count / world: the
     # average of the ranks' gradients is then the global batch's.
-    num_tokens = sum((t != IGNORE).sum() for t in targets)
-    dist.all_reduce(num_tokens)
+    num_tokens = global_count(targets, device)
     stats = {"loss": 0.0, "sft": 0.0, "kd": 0.0, "tokens": 0.0}
     for mb, target in zip(micro_batches, targets):
         # Batches pads on the right, so plain causal attention is already exact on every real token: no mask
@@ -341,8 +338,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                                   fused=cuda)
-    ppo = minillm.MiniLLM(args, examples, student, frozen["teacher"], vocab_size, stop_ids, rank, world, device,
-                          pad_id) if args.loss == "minillm" else None
+    ppo = MiniLLM(args, examples, student, frozen["teacher"], vocab_size, stop_ids, rank, world, device,
+                  pad_id) if args.loss == "minillm" else None
 
     # rank 0 decides whether to resume: every rank must take the same branch, or the collectives below hang
     found = checkpoints(out) if rank == 0 else []
@@ -382,8 +379,8 @@ def main(argv=None):
             if ppo:  # MiniLLM: a rollout phase when one begins, then one PPO minibatch and the SFT term
                 parts = ppo.step(step, micro_batches)
             elif args.on_policy and random.Random(f"{args.seed}-{step}").random() < args.on_policy:
-                micro_batches, sampled = minillm.on_policy_batches(student, examples, micro_batches, step, args,
-                                                                   stop_ids, vocab_size, rank, world, pad_id)
+                micro_batches, sampled = on_policy_batches(student, examples, micro_batches, step, args, stop_ids,
+                                                           vocab_size, rank, world, pad_id)
                 parts = kd_backward(student, frozen, micro_batches, {**loss_kwargs, "lam": 0.0}, vocab_size,
                                     device, world, scale=1 - args.lam)
                 del parts["sft"]  # the SFT term counts data replies only: on this step, none

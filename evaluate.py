@@ -219,8 +219,9 @@ def get_args(argv=None):
     p.add_argument("--split", default="test_sft",
                    help="split of a folder or Hub dataset, optionally with a row range like cot[100000:101000]")
     p.add_argument("--max-examples", type=int, help="use the first N rows only (after --holdout and --max-len)")
-    p.add_argument("--holdout", action="store_true",
-                   help="score only the prompts held out from training (train.py --holdout), each prompt once")
+    p.add_argument("--holdout", choices=["train", "test"],
+                   help="split the prompts by a hash of each: 'test' scores only those held out from training "
+                        "(train.py --holdout train), each once; 'train' the others (SeqKD data for training)")
     p.add_argument("--max-len", type=int,
                    help="keep only conversations whose chat, up to the scored reply, fits in this many tokens: "
                         "train.py --drop-long's rule")
@@ -297,7 +298,7 @@ def prompt_within(messages, tokenizer, max_len):
 def load_examples(args, tokenizer):
     try:
         rows = load_rows(args.data, split=args.split, max_rows=args.max_examples, skip_bad=args.skip_bad_rows,
-                         holdout="test" if args.holdout else None,
+                         holdout=args.holdout,
                          fit=(tokenizer, args.max_len) if args.max_len else None)
     except (OSError, ValueError) as e:  # data.py's messages name the file and line
         sys.exit(f"error: {e}" + ("; pass --split, e.g. train or cot[100000:101000]" if "for split" in str(e) else ""))

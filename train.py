@@ -84,9 +84,9 @@ def get_args(argv=None):
     g.add_argument("--drop-long", action="store_true",
                    help="drop the rows whose chat does not fit in --max-len instead of cutting them (a cut reply loses "
                         "its end and its <|im_end|>); --max-rows then counts the rows kept")
-    g.add_argument("--holdout", action="store_true",
-                   help="leave out the prompts held out for testing: data.HOLDOUT of them, chosen by a hash of the "
-                        "prompt (evaluate.py --holdout scores exactly those)")
+    g.add_argument("--holdout", choices=["train", "test"],
+                   help="split the prompts by a hash of each (data.HOLDOUT of them held out for testing): 'train' "
+                        "leaves the held-out ones out, as evaluate.py --holdout test scores exactly those")
     g.add_argument("--batch-size", type=int, default=64, help="sequences per optimizer step, over all processes")
     g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass, per process")
     g = p.add_argument_group("optimisation")
@@ -284,7 +284,7 @@ def main(argv=None):
                      f"--model {args.model}: token-level KD compares distributions over the same ids")
     try:
         rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows,
-                         holdout="train" if args.holdout else None,
+                         holdout=args.holdout,
                          fit=(tokenizer, args.max_len) if args.drop_long else None)
     except (OSError, ValueError) as e:
         sys.exit(f"error: --data: {e}")  # data.py's message names the file and line

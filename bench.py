@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import data
 import evaluate
-from deltakd import delta_kd_loss
+from deltakd import _CHUNK_BYTES, delta_kd_loss
 from model import Qwen2, Qwen2Config
 
 
@@ -279,8 +279,11 @@ def _loss_cuda(n, vocab, repeats):
 
 
 def bench_loss(n=2048, vocab=151936, repeats=3, rounds=2):
+    def chunks(device):  # what delta_kd_loss chooses by default
+        return f"chunks of {_CHUNK_BYTES[device] // 2**20} MiB ({_CHUNK_BYTES[device] // (4 * vocab)} positions)"
     print(f"delta_kd_loss forward+backward, N={n} positions, V={vocab}, bf16 inputs, CPU ({torch.get_num_threads()} "
-          f"threads); peak RSS added, in units of one input logits tensor ({n * vocab * 2 / 2**20:.0f} MiB)")
+          f"threads), {chunks('cpu')}; peak RSS added, in units of one input logits tensor "
+          f"({n * vocab * 2 / 2**20:.0f} MiB)")
     results = {"naive": [], "chunked": []}
     for _ in range(rounds):  # interleaved, each in a fresh process so that one's peak does not hide the other's
         for variant in results:
@@ -292,9 +295,9 @@ def bench_loss(n=2048, vocab=151936, repeats=3, rounds=2):
 
     if torch.cuda.is_available():
         n = 2 * 2048  # one micro-batch of --micro-batch-size 2 at --max-len 2048
-        print(f"delta_kd_loss on {torch.cuda.get_device_name()}, N={n}, V={vocab}, bf16 inputs; peak allocated added "
-              f"(torch.cuda.max_memory_allocated), in units of one input logits tensor ({n * vocab * 2 / 2**20:.0f} "
-              f"MiB)")
+        print(f"delta_kd_loss on {torch.cuda.get_device_name()}, N={n}, V={vocab}, bf16 inputs, {chunks('other')}; "
+              f"peak allocated added (torch.cuda.max_memory_allocated), in units of one input logits tensor "
+              f"({n * vocab * 2 / 2**20:.0f} MiB)")
         _loss_summary(_loss_cuda(n, vocab, repeats=10))
 
 

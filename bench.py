@@ -387,16 +387,6 @@ def _train_run(work, name, loss, args):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train_rollout_speed(r, log_every, total_steps, sampled, rows):
-    """Sampled reply tokens per second of generation, from one metrics.jsonl record. train.py logs the mean reply
-    length and generation's share of the interval, but neither the number of sampled tokens nor the interval's length:
-    the first follows from which steps sampled (sampled(step index)) and how many replies each drew, the second from
-    eta_s, which is the interval's seconds per step times the steps left."""
-    seconds = r["eta_s"] / (total_steps - r["step"]) * log_every
-    generations = sum(map(sampled, range(r["step"] - log_every, r["step"])))
-    return generations * rows * r["reply_len"] / (r["gen_share"] * seconds)
-
-
 def bench_train():
     """On the CPU: tiny student and teacher. On a GPU: a random student shaped like Qwen2.5-0.5B, teachers shaped
     like Qwen2.5-1.5B, over a toy tokenizer padded to Qwen's 151665 ids so that the loss sees a real vocabulary."""
@@ -424,9 +414,9 @@ def bench_train():
                                   num_key_value_heads=2, **shape)
             extra, new_tokens = ["--micro-batch-size", "8", "--max-len", "256"], 32
             dtype = torch.float32
-        # five log intervals: the first warms up, the last has no eta_s (see _train_rollout_speed); the median of the
-        # three between resists the other processes of a shared machine. An interval holds whole MiniLLM phases of 2
-        # steps (--ppo-epochs 2 x --num-rollouts 16 / --batch-size 16), so its mean reply length is the replies' mean
+        # five log intervals: the first warms up, the last may be short; the median of the three between resists the
+        # other processes of a shared machine. An interval holds whole MiniLLM phases of 2 steps (--ppo-epochs 2 x
+        # --num-rollouts 16 / --batch-size 16), so its mean reply length is the replies' mean
         batch, log_every, phase = 16, 6, 2
         total = 5 * log_every
         extra = ["--batch-size", str(batch), *extra, "--max-steps", str(total), "--log-every", str(log_every)]
@@ -443,21 +433,21 @@ def bench_train():
         if cuda:
             print("  MFU: (6 x student + 2 x frozen parameters) FLOPs per token x tokens/s / --peak-tflops; peak "
                   "memory: torch.cuda.max_memory_allocated")
-        runs = [("sft", "sft", [], None), ("deltakd", "deltakd", [], None)]
-        runs += [("deltakd --compile", "deltakd", ["--compile"], None)] if cuda else []
-        runs += [("deltakd --on-policy 0.5", "deltakd", ["--on-policy", "0.5", "--max-new-tokens", str(new_tokens)],
-                  (lambda s: random.Random(f"0-{s}").random() < 0.5, batch)),  # train.py's draw, --seed 0
+        runs = [("sft", "sft", []), ("deltakd", "deltakd", [])]
+        runs += [("deltakd --compile", "deltakd", ["--compile"])] if cuda else []
+        runs += [("deltakd --on-policy 0.5", "deltakd", ["--on-policy", "0.5", "--max-new-tokens", str(new_tokens)]),
                  ("minillm", "minillm", ["--num-rollouts", str(batch), "--ppo-epochs", str(phase), "--max-new-tokens",
-                                         str(new_tokens)], (lambda s: s % phase == 0, batch))]
-        for name, loss, args, generation in runs:
+                                         str(new_tokens)])]
+        for name, loss, args in runs:
             records = _train_run(work, name, loss, extra + args)[1:-1]
 
             def median(f):
                 return statistics.median(f(r) for r in records)
             line = f"  {name:<24} {median(lambda r: r['tokens_per_s']):8.0f} tokens/s"
-            if generation:
-                speed = median(lambda r: _train_rollout_speed(r, log_every, total, *generation))
-                line += f"   rollout {speed:6.0f} tokens/s (replies {median(lambda r: r['reply_len']):.0f} tokens)" \
+            if "gen_share" in records[0]:
+                speed = statistics.median(r["gen_tokens_per_s"] for r in records if "gen_tokens_per_s" in r)
+                line += f"   rollout {speed:6.0f} tokens/s (replies " \
+                        f"{median(lambda r: r['reply_len']):.0f} tokens)" \
                         f"   gen share {median(lambda r: r['gen_share']):4.0%}"
             if cuda:
                 line += f"   MFU {median(lambda r: r['mfu']):5.1%}   peak memory " \

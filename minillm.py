@@ -145,7 +145,8 @@ def advantages(rewards, length_norm=True, whiten=True):
 
 def policy_loss(logits, targets, log_q_old, adv, weight, vocab_size, num_tokens, clip=CLIP):
     """(6) The clipped surrogate, summed over the positions where targets != IGNORE and divided by num_tokens.
-    logits[..., i, :] predicts targets[..., i]; log_q_old, adv and weight are per position, like targets."""
+    logits[..., i, :] predicts targets[..., i]; log_q_old, adv and weight are per position, like targets (train.py
+    passes only the counted positions: logits (N, V), the others (N,))."""
     where = targets != IGNORE
     dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least; float64 stays float64 for the tests
     log_q = torch.log_softmax(logits[where][:, :vocab_size].to(dtype), -1)  # (N, V), counted positions only
@@ -185,7 +186,7 @@ def on_policy_batches(student, examples, micro_batches, step, args, stop_ids, vo
     samples = [{"input_ids": np.array(ids), "labels": np.array([IGNORE] * n + ids[n:])} for ids, n in rows]
     step_batches = next(iter(Batches(samples, len(samples), args.micro_batch_size, rank, world, 0, pad_id)))
     return step_batches, {"reply_len": float(np.mean([len(ids) - n for ids, n in rows])),
-                          "gen_s": time.perf_counter() - t0}
+                          "gen_tokens": float(sum(len(ids) - n for ids, n in rows)), "gen_s": time.perf_counter() - t0}
 
 
 class MiniLLM:
@@ -237,7 +238,7 @@ class MiniLLM:
         self.rollout_stats = {"reward": float(np.concatenate(rewards).mean()) if rewards else 0.0,
                               "rkl": float((tokens - np.concatenate(log_p)).mean()) if log_p else 0.0,
                               "reply_len": float(np.mean([len(q) for q in log_q])) if log_q else 0.0,
-                              "gen_s": time.perf_counter() - t0}
+                              "gen_tokens": float(sum(len(q) for q in log_q)), "gen_s": time.perf_counter() - t0}
 
     def step(self, step, data_micro_batches):
         """Backward of one optimizer step: a PPO minibatch and the SFT term on the data's micro-batches. Returns this
@@ -247,20 +248,20 @@ class MiniLLM:
             self.rollout(step // self.steps_per_phase)
             for _ in range(step % self.steps_per_phase):  # resumed inside a phase (a finished run, extended): its
                 next(self.minibatches)  # rollouts come from the current weights, so this one point is not exact
-        gen_s = self.rollout_stats.pop("gen_s", 0.0)
+        gen_s, gen_tokens = self.rollout_stats.pop("gen_s", 0.0), self.rollout_stats.pop("gen_tokens", 0.0)
         rollout_mbs = next(self.minibatches)
         targets = [shifted(mb["labels"], IGNORE).to(dev) for mb in rollout_mbs]
         num_tokens = global_count(targets, dev) / W
         pg_sum = kd_sum = tokens = 0.0
         for mb, target in zip(rollout_mbs, targets):
-            ids = mb["input_ids"].to(dev)
+            ids, counted = mb["input_ids"].to(dev), target != IGNORE  # logits at the reply's positions only
             with torch.no_grad():
-                t_logits = self.teacher(ids)
-            logits = self.student(ids)
+                t_logits = self.teacher(ids, logits_at=counted)
+            logits, target = self.student(ids, logits_at=counted), target[counted]  # (N, V), (N,)
             single, parts = delta_kd_loss(logits, target, t_logits, alpha=0.0, lam=0.0, divergence="rkl",
                                           vocab_size=self.vocab_size, num_tokens=num_tokens, return_parts=True)
-            pg = policy_loss(logits, target, *(shifted(mb[k], 0.0).to(dev) for k in ("log_q_old", "adv", "weight")),
-                             self.vocab_size, num_tokens)  # (6)
+            pg = policy_loss(logits, target, *(shifted(mb[k], 0.0).to(dev)[counted] for k in
+                                               ("log_q_old", "adv", "weight")), self.vocab_size, num_tokens)  # (6)
             (pg + single).backward()  # (7) L_pg + L_single
             pg_sum, kd_sum = pg_sum + pg.detach(), kd_sum + parts["kd"]
             tokens += mb["attention_mask"].sum()
@@ -268,11 +269,12 @@ class MiniLLM:
         data_tokens = global_count(data_targets, dev) / W
         sft_sum = 0.0
         for mb, target in zip(data_micro_batches, data_targets):
-            sft = delta_kd_loss(self.student(mb["input_ids"].to(dev)), target, None, lam=1.0,
-                                vocab_size=self.vocab_size, num_tokens=data_tokens)
+            counted = target != IGNORE
+            sft = delta_kd_loss(self.student(mb["input_ids"].to(dev), logits_at=counted), target[counted], None,
+                                lam=1.0, vocab_size=self.vocab_size, num_tokens=data_tokens)
             (args.lam * sft).backward()  # (7) + lam * L_SFT
             sft_sum += sft.detach()
             tokens += mb["attention_mask"].sum()
         share = {k: v / W for k, v in self.rollout_stats.items()}  # the same on every rank
         return {"loss": (pg_sum + kd_sum + args.lam * sft_sum) / W, "sft": sft_sum / W, "kd": kd_sum / W,
-                "pg": pg_sum / W, **share, "tokens": tokens, "gen_s": gen_s / W}
+                "pg": pg_sum / W, **share, "tokens": tokens, "gen_s": gen_s / W, "gen_tokens": gen_tokens / W}

@@ -189,14 +189,15 @@ def kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device,
     num_tokens = global_count(targets, device)
     stats = {"loss": 0.0, "sft": 0.0, "kd": 0.0, "tokens": 0.0}
     for mb, target in zip(micro_batches, targets):
-        # Batches pads on the right, so plain causal attention is already exact on every real token: no mask
-        input_ids = mb["input_ids"].to(device)
+        # Batches pads on the right, so plain causal attention is already exact on every real token: no mask. Only
+        # the supervised positions get logits, the largest tensors of the step: prompts and padding need none.
+        input_ids, counted = mb["input_ids"].to(device), target != IGNORE
         with torch.no_grad():
-            logits = {k: m(input_ids) for k, m in frozen.items()}
-        loss, parts = delta_kd_loss(student(input_ids), target, logits.pop("teacher", None),
-                                    logits.pop("teacher_raw", None), logits.pop("student_raw", None),
-                                    **loss_kwargs, vocab_size=vocab_size, num_tokens=num_tokens / world,
-                                    return_parts=True)  # the frozen logits are freed here, before backward
+            logits = {k: m(input_ids, logits_at=counted) for k, m in frozen.items()}  # (N, V) each
+        loss, parts = delta_kd_loss(student(input_ids, logits_at=counted), target[counted],
+                                    logits.pop("teacher", None), logits.pop("teacher_raw", None),
+                                    logits.pop("student_raw", None), **loss_kwargs, vocab_size=vocab_size,
+                                    num_tokens=num_tokens / world, return_parts=True)  # frozen logits freed here
         (loss * scale if scale != 1 else loss).backward()
         for k, v in (("loss", loss.detach() * scale), ("sft", parts["sft"]), ("kd", parts["kd"])):
             stats[k] += v / world
@@ -411,12 +412,16 @@ def main(argv=None):
             # --- log (the only place that reads values back to the host)
             if step % args.log_every == 0 or step == total_steps:
                 dt = time.perf_counter() - t_log
-                means = {k: (v / (1 if k in ("tokens", "gen_s") else counts[k])).item() for k, v in stats.items()}
+                summed = ("tokens", "gen_s", "gen_tokens")  # totals over the interval; the others are means per step
+                means = {k: (v / (1 if k in summed else counts[k])).item() for k, v in stats.items()}
                 record = {"step": step, **{k: means.pop(k) for k in ("loss", "sft", "kd") if k in means}, "lr": lr,
                           "grad_norm": grad_norm.item(), "tokens_per_s": means.pop("tokens") / dt,
                           "eta_s": dt / steps_since_log * (total_steps - step)}
-                if "gen_s" in means:  # time spent sampling: rollouts or on-policy replies
-                    record["gen_share"] = means.pop("gen_s") / dt
+                if "gen_s" in means:  # time spent sampling rollouts or on-policy replies; reply tokens per second of it
+                    gen_s, gen_tokens = means.pop("gen_s"), means.pop("gen_tokens")
+                    record["gen_share"] = gen_s / dt
+                    if gen_s:  # a MiniLLM interval shorter than a phase may not sample
+                        record["gen_tokens_per_s"] = gen_tokens / gen_s
                 record.update(means)
                 if cuda:
                     record["mfu"] = flops_per_token * record["tokens_per_s"] / world / (args.peak_tflops * 1e12)

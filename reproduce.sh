@@ -108,8 +108,8 @@ if [[ $MODE == toy ]]; then
   #   are still learning its arithmetic (at 1200 steps the student reaches 0.48, the gain almost all on the digits of
   #   results). PRETRAIN_STEPS=2400 (with OUT elsewhere) pre-trains further, at about 4 more minutes per 600 steps.
   # - The teacher is 6.5 times the student (0.87M and 0.13M weights in matrices); both see the same documents.
-  # - The students' budget, 150 steps of 16 chats, is 60% of one pass over the 4000 training chats: under one epoch,
-  #   like the paper's 1000 steps of 128 over UltraChat's 200k.
+  # - The teacher's SFT and every student get the same budget, 120 steps of 12 chats: 1440 of the 4000 training chats,
+  #   under one epoch like the paper's 1000 steps of 128 over UltraChat's 200k. It is what the 8 minutes leave.
   # - Replies are at most 70 tokens long: --max-new-tokens 96 lets every reference fit (the ROUGE ceiling is 1) while
   #   a model that never stops costs 96 decode steps, not more.
   # - MiniLLM keeps its public script's settings and the paper run's ratio of rollouts to batch (256 to 128): a rollout
@@ -125,8 +125,8 @@ if [[ $MODE == toy ]]; then
     SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3
   else
     OUT=${OUT:-runs/toy}
-    N_TRAIN=4000 N_TEST=200 PRETRAIN_STEPS=${PRETRAIN_STEPS:-600} PRETRAIN_BATCH=32 TEACHER_STEPS=150
-    STEPS=${STEPS:-150} BATCH=16 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3
+    N_TRAIN=4000 N_TEST=200 PRETRAIN_STEPS=${PRETRAIN_STEPS:-600} PRETRAIN_BATCH=32 STEPS=${STEPS:-120}
+    TEACHER_STEPS=${STEPS:-120} BATCH=12 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3
   fi
   N_CORPUS=$((PRETRAIN_STEPS * PRETRAIN_BATCH))
   JOBS=${JOBS:-$(nproc)}

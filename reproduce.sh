@@ -1,37 +1,92 @@
 #!/usr/bin/env bash
 # The Delta-KD paper's pipeline, end to end: a raw teacher and a raw student, the teacher's SFT, the student trained
-# six ways with the same step budget (SFT, FKL, RKL, SeqKD, Delta-KD, Delta-KD with alpha=0), ROUGE on held-out data.
+# by every method with the same step budget (SFT, FKL, RKL, SeqKD, MiniLLM, Delta-KD; Delta-KD with alpha=0 as a
+# check, and Delta-KD on the student's own samples as an extension), ROUGE on held-out data.
 #
 #   bash reproduce.sh [toy] [--quick]   offline on a CPU: toy tokenizer, data and models, pre-trained here (default)
+#   bash reproduce.sh study [--quick]   the toy, then every student method over SEEDS seeds (default 5; 2 with --quick)
+#                                       and Delta-KD's alpha at 0.25, 0.5 and 0.75: mean ± sd over the seeds and each
+#                                       method's paired difference from FKL, in $OUT-study (runs/toy-study)
+#       JOBS (default: the CPU count): steps that need only finished ones run side by side, one CPU thread each.
 #   bash reproduce.sh paper             Qwen2.5-7B -> Qwen2.5-1.5B on UltraChat-200k, through torchrun
 #       NPROC=8 (processes per node), NNODES=1; on several nodes also NODE_RANK, MASTER_ADDR, MASTER_PORT.
 #       DATASET=openmath switches to nvidia/OpenMathReasoning. STEPS, EVAL_EXAMPLES and OUT override the defaults.
 #   --dry-run prints the commands without running them; --fresh starts over instead of reusing finished steps.
 #
 # Every command is printed before it runs: this script is the documentation of the real commands. A step whose
-# output exists is skipped, and an interrupted train.py resumes from its newest checkpoint when run again.
+# output exists is skipped, and an interrupted train.py resumes from its newest checkpoint when run again. Each step's
+# seconds go to $OUT/times.tsv; report.py makes the tables from the run folders, and times.json from the seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODE=toy QUICK=0 FRESH=0 DRY=0
+MODE=toy STUDY=0 QUICK=0 FRESH=0 DRY=0 STAGE=
 for arg in "$@"; do
   case $arg in
     toy | paper) MODE=$arg ;;
+    study) STUDY=1 ;;
     --quick) QUICK=1 ;;
     --fresh) FRESH=1 ;;
     --dry-run) DRY=1 ;;
-    *) echo "usage: bash reproduce.sh [toy|paper] [--quick] [--fresh] [--dry-run]" >&2; exit 2 ;;
+    *) echo "usage: bash reproduce.sh [toy|study|paper] [--quick] [--fresh] [--dry-run]" >&2; exit 2 ;;
   esac
 done
+if [[ $STUDY == 1 && $MODE == paper ]]; then echo "error: the study runs on the toy: bash reproduce.sh study" >&2; exit 2; fi
 PYTHON=${PYTHON:-python}
 
-# run OUTPUT COMMAND...: print the command, then run it unless OUTPUT exists (the step finished in an earlier run)
+now() { local t=${EPOCHREALTIME/[.,]/}; echo $((10#$t / 1000)); }  # milliseconds, from bash alone
+
+# run OUTPUT COMMAND...: print the command, then run it unless OUTPUT exists (the step finished in an earlier run).
+# Its seconds go to $OUT/times.tsv, under the current stage. In a lane, its own output goes to $OUT/logs/.
 run() {
   local output=$1; shift
   if [[ $DRY == 0 && -e $output ]]; then printf '# done:'; printf ' %q' "$@"; echo; return; fi
   printf '+'; printf ' %q' "$@"; echo
-  if [[ $DRY == 0 ]]; then "$@"; fi
+  if [[ $DRY == 1 ]]; then return; fi
+  local step start log
+  step=$(dirname "${output#"$OUT"/}")  # teacher-raw, eval/sft, seed1/fkl, ...
+  start=$(now)
+  if [[ -n ${LANE:-} ]]; then
+    log=$OUT/logs/${step//\//_}.log
+    mkdir -p "$OUT/logs"
+    "$@" > "$log" 2>&1 || { echo "error: this step failed; the end of $log:" >&2; tail -n 20 "$log" >&2; exit 1; }
+  else
+    "$@"
+  fi
+  local ms=$(($(now) - start))
+  printf '%s\t%s\t%d.%03d\n' "$STAGE" "$step" $((ms / 1000)) $((ms % 1000)) >> "$OUT/times.tsv"
+  if [[ -n ${LANE:-} ]]; then printf '# finished in %d s: %s\n' $((ms / 1000)) "$step"; fi
 }
+
+# stage NAME: the steps from here to the next `stage` (or `stage end`) form one stage, whose wall-clock seconds go to
+# times.tsv as its "(wall)" line when any of its steps ran in this invocation; a rerun that reuses them all keeps the
+# seconds they took when they ran
+stage() {
+  local steps=0
+  if [[ -f $OUT/times.tsv ]]; then steps=$(wc -l < "$OUT/times.tsv"); fi
+  if [[ $DRY == 0 && -n ${STAGE:-} && $steps != "$STAGE_STEPS" ]]; then
+    local ms=$(($(now) - STAGE_START))
+    printf '%s\t(wall)\t%d.%03d\n' "$STAGE" $((ms / 1000)) $((ms % 1000)) >> "$OUT/times.tsv"
+  fi
+  STAGE=$1 STAGE_START=$(now) STAGE_STEPS=$steps
+}
+
+# lane FUNCTION ARGS...: run steps that need only finished ones. With JOBS > 1 they run in the background, at most
+# JOBS lanes at a time (each its own process group, stopped if this script stops), and `lanes_done` waits for all of
+# them and stops at the first that failed. With JOBS=1, and for --dry-run, the steps run here, in order.
+lane() {
+  if [[ $JOBS == 1 || $DRY == 1 ]]; then "$@"; return; fi
+  while (( $(jobs -rp | wc -l) >= JOBS )); do reap; done
+  (LANE=1; "$@") &
+}
+reap() {  # wait for one lane; 1 when there is none left
+  local pid status=0
+  wait -n -p pid || status=$?
+  if [[ -z ${pid:-} ]]; then return 1; fi
+  if (( status )); then echo "error: a step failed (exit status $status): stopping" >&2; exit "$status"; fi
+}
+lanes_done() { while reap; do :; done; }
+set -m
+trap 'for pid in $(jobs -p); do kill -- -"$pid" 2>/dev/null || true; done' EXIT
 
 # model_config DIR JSON: a model folder holding only config.json and the tokenizer, for train.py --random-init
 model_config() {
@@ -43,54 +98,154 @@ model_config() {
 
 # ------------------------------------------------------------------------------------------------ sizes and models
 if [[ $MODE == toy ]]; then
+  # The toy's sizes were fixed from the time budget (the default toy in under 8 minutes on 2 CPU cores, the study in
+  # under an hour) and the raw models' pre-training curves, before any method's score was looked at. Nothing here is
+  # tuned toward a method.
+  # - Delta-KD builds its target on the raw student's distribution, so the raw models must have learned their corpus.
+  #   Pre-training reads it once (PRETRAIN_STEPS x PRETRAIN_BATCH documents), so every logged loss is a held-out loss;
+  #   report.py prints the curves. 600 steps is what the budget affords: by then both models have the corpus's format
+  #   and copy a problem's numbers into its solution (the student's loss is 0.79 at 300 steps, 0.59 at 600), but they
+  #   are still learning its arithmetic (at 1200 steps the student reaches 0.48, the gain almost all on the digits of
+  #   results). PRETRAIN_STEPS=2400 (with OUT elsewhere) pre-trains further, at about 4 more minutes per 600 steps.
+  # - The teacher is 6.5 times the student (0.87M and 0.13M weights in matrices); both see the same documents.
+  # - The teacher's SFT and every student get the same budget, 120 steps of 12 chats: 1440 of the 4000 training chats,
+  #   under one epoch like the paper's 1000 steps of 128 over UltraChat's 200k. It is what the 8 minutes leave.
+  # - Replies are at most 70 tokens long: --max-new-tokens 96 lets every reference fit (the ROUGE ceiling is 1) while
+  #   a model that never stops costs 96 decode steps, not more.
+  # - MiniLLM keeps its public script's settings and the paper run's ratio of rollouts to batch (256 to 128): a rollout
+  #   phase samples 2 x BATCH replies and runs 4 PPO epochs over them, 8 optimizer steps, so it takes the same step
+  #   budget as everyone else and samples STEPS x BATCH / 4 replies in all.
+  # - One CPU thread per process and JOBS processes side by side: on these small models a second thread gains less
+  #   than a second process, and on a busy machine two threads per process run several times slower than one.
   if [[ $QUICK == 1 ]]; then
+    # A size the test suite runs: every step of the pipeline, nothing meaningful measured. The teacher trains ten
+    # epochs over 64 chats at a higher rate, so that it ends its replies: SeqKD keeps only finished answers.
     OUT=${OUT:-runs/toy-quick}
-    N_TRAIN=640 N_TEST=40 N_CORPUS=1200 PRETRAIN_STEPS=60 TEACHER_STEPS=40 STEPS=${STEPS:-30} BATCH=16
+    N_TRAIN=64 N_TEST=8 PRETRAIN_STEPS=30 PRETRAIN_BATCH=16 TEACHER_STEPS=40 STEPS=${STEPS:-4} BATCH=16 NEW_TOKENS=64
+    SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3
   else
     OUT=${OUT:-runs/toy}
-    N_TRAIN=4000 N_TEST=200 N_CORPUS=8000 PRETRAIN_STEPS=300 TEACHER_STEPS=150 STEPS=${STEPS:-150} BATCH=32
+    N_TRAIN=4000 N_TEST=200 PRETRAIN_STEPS=${PRETRAIN_STEPS:-600} PRETRAIN_BATCH=32 STEPS=${STEPS:-120}
+    TEACHER_STEPS=${STEPS:-120} BATCH=12 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3
   fi
+  N_CORPUS=$((PRETRAIN_STEPS * PRETRAIN_BATCH))
+  JOBS=${JOBS:-$(nproc)}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   EVAL_EXAMPLES=${EVAL_EXAMPLES:-$N_TEST}
   DATA_DIR=$OUT/data
   LAUNCH=("$PYTHON")
   TRAIN_DATA=(--data "$DATA_DIR/train.jsonl") TEST_DATA=(--data "$DATA_DIR/test.jsonl")
-  COMMON=(--batch-size "$BATCH" --micro-batch-size "$BATCH" --max-len 256 --log-every 25 --save-every 100)
-  PRETRAIN=(--lr 3e-3 --min-lr 3e-4 --warmup-steps 20)
-  FINETUNE=(--lr 1e-3 --min-lr 1e-4 --warmup-steps 10)
-  GENERATE=(--max-new-tokens 160 --batch-size 64)
+  # one micro-batch per step: splitting it cuts padding but costs more than it saves on these small models
+  COMMON=(--batch-size "$BATCH" --micro-batch-size "$BATCH" --max-len 256 --log-every "$LOG_EVERY" --save-every 200)
+  PRETRAIN=(--batch-size "$PRETRAIN_BATCH" --micro-batch-size "$PRETRAIN_BATCH" --lr 3e-3 --min-lr 3e-4 --warmup-steps 20
+            --max-len 256 --log-every "$LOG_EVERY" --save-every 200)
+  FINETUNE=(--lr "$LR" --min-lr 1e-4 --warmup-steps 10)
+  EVALUATE=(--max-new-tokens "$NEW_TOKENS" --batch-size 256)
+  SEQKD_DATA=("${TRAIN_DATA[@]}") SEQKD_TRAIN=(--data "$OUT/seqkd-data/train.jsonl")
+  MINILLM=(--mix 0.2 --reward-scale 0.5 --ppo-epochs 4 --num-rollouts $((2 * BATCH)) --max-new-tokens "$NEW_TOKENS")
+  ON_POLICY=(--on-policy 0.5 --max-new-tokens "$NEW_TOKENS")
   TEACHER_RAW=$OUT/teacher-raw/final STUDENT_RAW=$OUT/student-raw/final
 else
   DATASET=${DATASET:-ultrachat}
   OUT=${OUT:-runs/paper-$DATASET}
   STEPS=${STEPS:-1000}  # the student budget: 1000 steps of 128 sequences
   EVAL_EXAMPLES=${EVAL_EXAMPLES:-2000}
-  NPROC=${NPROC:-8} NNODES=${NNODES:-1}
+  NPROC=${NPROC:-8} NNODES=${NNODES:-1} JOBS=1
   if [[ $NNODES == 1 ]]; then
     LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
   else
     LAUNCH=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC" --node_rank "${NODE_RANK:?set NODE_RANK}"
             --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "${MASTER_PORT:-29500}")
   fi
+  # Whole conversations only: a row whose chat does not fit in --max-len is dropped rather than cut (a cut reply loses
+  # its end and its <|im_end|>), and evaluation keeps the same rows and lets every kept reference fit, so the ROUGE
+  # ceiling is 1. SeqKD: the teacher answers the training prompts under the same rule, and the student trains on the
+  # answers that fit with their prompt.
   case $DATASET in
-    ultrachat) TRAIN_DATA=(--data HuggingFaceH4/ultrachat_200k --split train_sft)
-               TEST_DATA=(--data HuggingFaceH4/ultrachat_200k --split test_sft) ;;
-    openmath) ROWS=$((STEPS * 128))  # no test split: train on the first rows of cot, evaluate on the next ones
-              TRAIN_DATA=(--data nvidia/OpenMathReasoning --split "cot[:$ROWS]")
-              TEST_DATA=(--data nvidia/OpenMathReasoning --split "cot[$ROWS:$((ROWS + EVAL_EXAMPLES))]") ;;
+    ultrachat) MAX_LEN=2048 MICRO=2
+               TRAIN_DATA=(--data HuggingFaceH4/ultrachat_200k --split train_sft --drop-long)
+               TEST_DATA=(--data HuggingFaceH4/ultrachat_200k --split test_sft --max-len "$MAX_LEN")
+               SEQKD_DATA=(--data HuggingFaceH4/ultrachat_200k --split train_sft --max-len "$MAX_LEN")
+               SEQKD_TRAIN=(--data "$OUT/seqkd-data/train.jsonl" --drop-long) ;;
+    openmath) MAX_LEN=4096 MICRO=1  # 4096 tokens per micro-batch, as 2 x 2048
+              # No test split: a hash of the problem text holds 5% of the problems out (data.HOLDOUT). Training, and
+              # the teacher's SeqKD answers, read only the other 95% (--holdout train); the test reads the held-out
+              # problems, each once (--holdout test). --max-rows counts the rows kept.
+              TRAIN_DATA=(--data nvidia/OpenMathReasoning --split cot --holdout train --max-rows $((STEPS * 128))
+                          --drop-long)
+              TEST_DATA=(--data nvidia/OpenMathReasoning --split cot --holdout test --max-len "$MAX_LEN")
+              SEQKD_DATA=(--data nvidia/OpenMathReasoning --split cot --holdout train --max-len "$MAX_LEN")
+              SEQKD_TRAIN=(--data "$OUT/seqkd-data/train.jsonl" --drop-long) ;;
     *) echo "DATASET must be ultrachat or openmath, not $DATASET" >&2; exit 2 ;;
   esac
-  TEACHER_STEPS=$STEPS BATCH=128
-  COMMON=(--batch-size 128 --micro-batch-size 2 --max-len 2048 --grad-ckpt --log-every 10 --save-every 200)
+  TEACHER_STEPS=$STEPS BATCH=128 SEEDS=1
+  COMMON=(--batch-size 128 --micro-batch-size "$MICRO" --max-len "$MAX_LEN" --grad-ckpt --log-every 10
+          --save-every 200)
   FINETUNE=(--lr 1e-5 --min-lr 1e-6 --warmup-steps 50)
-  GENERATE=(--max-new-tokens 512 --batch-size 32)
+  EVALUATE=(--max-new-tokens "$MAX_LEN" --batch-size 32)
+  # MiniLLM's own rollout settings, from its public Qwen2.5 7B -> 1.5B script; the optimizer and budget are ours
+  MINILLM=(--mix 0.2 --reward-scale 0.5 --ppo-epochs 4 --num-rollouts 256 --max-new-tokens 256)
+  ON_POLICY=(--on-policy 0.5 --max-new-tokens 256)
   TEACHER_RAW=Qwen/Qwen2.5-7B STUDENT_RAW=Qwen/Qwen2.5-1.5B
 fi
-if [[ $FRESH == 1 && $DRY == 0 ]]; then echo "+ rm -rf $OUT"; rm -rf "$OUT"; fi
+if [[ $FRESH == 1 && $DRY == 0 ]]; then echo "+ rm -rf $OUT $OUT-study"; rm -rf "$OUT" "$OUT-study"; fi
+if [[ $DRY == 0 ]]; then mkdir -p "$OUT"; fi
 TEACHER=$OUT/teacher-ft/final
-echo "# reproduce.sh $MODE: writing to $OUT"
+echo "# reproduce.sh $MODE$([[ $STUDY == 1 ]] && echo " study, $SEEDS seeds"): writing to $OUT"
+
+# ------------------------------------------------------------------------------------------------ the steps
+# pretrain WHO: a toy raw model, from random weights on the plain-text corpus
+pretrain() {
+  run "$OUT/$1-raw/final" "${LAUNCH[@]}" train.py --model "$OUT/init/$1" --random-init --loss sft \
+    --data "$DATA_DIR/corpus.jsonl" --max-steps "$PRETRAIN_STEPS" "${PRETRAIN[@]}" --out "$OUT/$1-raw"
+}
+
+teacher_sft() {
+  run "$TEACHER" "${LAUNCH[@]}" train.py --model "$TEACHER_RAW" --loss sft "${TRAIN_DATA[@]}" \
+    --max-steps "$TEACHER_STEPS" "${FINETUNE[@]}" "${COMMON[@]}" --out "$OUT/teacher-ft"
+}
+
+# SeqKD trains on the fine-tuned teacher's greedy answers to the training prompts, as many as the budget uses. Greedy
+# answers do not depend on a seed: made once, they serve every seed of the study.
+seqkd_answers() {
+  run "$OUT/seqkd-data/train.jsonl" "${LAUNCH[@]}" evaluate.py --model "$TEACHER" "${SEQKD_DATA[@]}" \
+    --max-examples $((STEPS * BATCH)) "${EVALUATE[@]}" --out "$OUT/seqkd-data" \
+    --write-data "$OUT/seqkd-data/train.jsonl"
+}
+
+# evaluation MODEL OUT: ROUGE of the model's greedy replies to the test prompts
+evaluation() {
+  run "$2/summary.json" "${LAUNCH[@]}" evaluate.py --model "$1" "${TEST_DATA[@]}" --max-examples "$EVAL_EXAMPLES" \
+    "${EVALUATE[@]}" --out "$2"
+}
+
+# where the runs of SEED live: seed 0 (the toy's and the paper's) at the top, the study's other seeds below it
+seed_dir() { if [[ $1 == 0 ]]; then echo "$OUT"; else echo "$OUT/seed$1"; fi; }
+
+# student NAME SEED: train it, then evaluate it. The seed orders the data and, for MiniLLM and on-policy runs, draws
+# the samples.
+student() {
+  local name=$1 seed=$2 method dir
+  dir=$(seed_dir "$seed")
+  case $name in  # the paper's methods are one loss function with different settings (see deltakd.py)
+    sft) method=(--loss sft "${TRAIN_DATA[@]}") ;;
+    fkl | rkl) method=(--loss "$name" --teacher "$TEACHER" "${TRAIN_DATA[@]}") ;;
+    seqkd) method=(--loss sft "${SEQKD_TRAIN[@]}") ;;
+    minillm) method=(--loss minillm --teacher "$TEACHER" "${MINILLM[@]}" "${TRAIN_DATA[@]}") ;;
+    deltakd) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" "${TRAIN_DATA[@]}") ;;
+    deltakd-onpolicy) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" "${ON_POLICY[@]}"
+                              "${TRAIN_DATA[@]}") ;;
+    deltakd-alpha*) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" --alpha "${name#*alpha}"
+                            "${TRAIN_DATA[@]}") ;;
+  esac
+  run "$dir/$name/final" "${LAUNCH[@]}" train.py --model "$STUDENT_RAW" "${method[@]}" --max-steps "$STEPS" \
+    "${FINETUNE[@]}" "${COMMON[@]}" --seed "$seed" --out "$dir/$name"
+  evaluation "$dir/$name/final" "$dir/eval/$name"
+}
 
 # ------------------------------------------------------------------------------------------------ 1-2. raw models
 if [[ $MODE == toy ]]; then
+  stage data
   run "$DATA_DIR/test.jsonl" "$PYTHON" data.py toy --out "$DATA_DIR" --n-train "$N_TRAIN" --n-test "$N_TEST" \
     --n-corpus "$N_CORPUS"
   # Like Qwen's, both lm_heads have more rows than the tokenizer has ids, and not the same number.
@@ -100,56 +255,50 @@ if [[ $MODE == toy ]]; then
   model_config "$OUT/init/student" '{"model_type": "qwen2", "vocab_size": 632, "hidden_size": 64,
   "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
   "rope_theta": 1000000.0, "tie_word_embeddings": true, "max_position_embeddings": 512}'
-  for who in teacher student; do
-    run "$OUT/$who-raw/final" "${LAUNCH[@]}" train.py --model "$OUT/init/$who" --random-init --loss sft \
-      --data "$DATA_DIR/corpus.jsonl" --max-steps "$PRETRAIN_STEPS" "${PRETRAIN[@]}" "${COMMON[@]}" \
-      --out "$OUT/$who-raw"
-  done
+  stage pre-training
+  lane pretrain teacher
+  lane pretrain student
+  lanes_done
 fi
 
-# ------------------------------------------------------------------------------------------------ 3. teacher SFT
-run "$TEACHER" "${LAUNCH[@]}" train.py --model "$TEACHER_RAW" --loss sft "${TRAIN_DATA[@]}" \
-  --max-steps "$TEACHER_STEPS" "${FINETUNE[@]}" "${COMMON[@]}" --out "$OUT/teacher-ft"
+# ------------------------------------------------------------------------------------------------ 3-5. students
+# In dependency order; the lanes of a block need only what the blocks before it made. The longest lanes go first.
+STUDENTS=(sft fkl rkl seqkd minillm deltakd deltakd-alpha0 deltakd-onpolicy)
+stage "teacher SFT"
+lane teacher_sft
+lane evaluation "$STUDENT_RAW" "$OUT/eval/student-raw"  # every student's starting point, before any fine-tuning
+lane student sft 0  # needs no teacher
+lanes_done
+stage students
+seqkd_then_student() { seqkd_answers; student seqkd 0; }
+lane seqkd_then_student
+for name in deltakd-onpolicy minillm deltakd fkl rkl deltakd-alpha0; do lane student "$name" 0; done
+lane evaluation "$TEACHER" "$OUT/eval/teacher-ft"
+lanes_done
+stage end
 
-# ------------------------------------------------------------------------------------------------ 4. students
-# SeqKD trains on the fine-tuned teacher's greedy answers to the training prompts, as many as the budget uses.
-run "$OUT/seqkd-data/train.jsonl" "${LAUNCH[@]}" evaluate.py --model "$TEACHER" "${TRAIN_DATA[@]}" \
-  --max-examples $((STEPS * BATCH)) "${GENERATE[@]}" --out "$OUT/seqkd-data" --write-data "$OUT/seqkd-data/train.jsonl"
-STUDENTS=(sft fkl rkl seqkd deltakd deltakd-alpha0)
-for name in "${STUDENTS[@]}"; do
-  case $name in  # the paper's methods are one loss function with different settings (see deltakd.py)
-    sft) method=(--loss sft "${TRAIN_DATA[@]}") ;;
-    fkl | rkl) method=(--loss "$name" --teacher "$TEACHER" "${TRAIN_DATA[@]}") ;;
-    seqkd) method=(--loss sft --data "$OUT/seqkd-data/train.jsonl") ;;
-    deltakd) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" "${TRAIN_DATA[@]}") ;;
-    deltakd-alpha0) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" --alpha 0
-                            "${TRAIN_DATA[@]}") ;;
-  esac
-  run "$OUT/$name/final" "${LAUNCH[@]}" train.py --model "$STUDENT_RAW" "${method[@]}" --max-steps "$STEPS" \
-    "${FINETUNE[@]}" "${COMMON[@]}" --out "$OUT/$name"
-done
+# ------------------------------------------------------------------------------------------------ 6. the tables
+report() {
+  printf '+'; printf ' %q' "$PYTHON" report.py "$@"; echo
+  if [[ $DRY == 0 ]]; then "$PYTHON" report.py "$@"; fi
+}
+report "$OUT"
 
-# ------------------------------------------------------------------------------------------------ 5. evaluation
-for name in teacher-ft "${STUDENTS[@]}"; do
-  run "$OUT/eval/$name/summary.json" "${LAUNCH[@]}" evaluate.py --model "$OUT/$name/final" "${TEST_DATA[@]}" \
-    --max-examples "$EVAL_EXAMPLES" "${GENERATE[@]}" --out "$OUT/eval/$name"
-done
-
-# ------------------------------------------------------------------------------------------------ 6. the table
-printf '+ %q - %q <<EOF  (the results table)\n' "$PYTHON" "$OUT"
-if [[ $DRY == 1 ]]; then exit 0; fi
-"$PYTHON" - "$OUT" "$STEPS" "$TEACHER_STEPS" <<'EOF'
-import json, sys
-from pathlib import Path
-out, steps, teacher_steps = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-rows = [("Teacher (SFT)", "teacher-ft", teacher_steps), ("SFT", "sft", steps), ("FKL", "fkl", steps),
-        ("RKL", "rkl", steps), ("SeqKD", "seqkd", steps), ("Delta-KD", "deltakd", steps),
-        ("Delta-KD, alpha=0", "deltakd-alpha0", steps)]
-lines = ["| Method | R-1 | R-2 | R-L | steps |", "|---|---|---|---|---|"]
-for label, name, n in rows:
-    r = json.loads((out / "eval" / name / "summary.json").read_text())["rouge_stemmed"]
-    lines.append(f"| {label} | {r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} | {n} |")
-table = "\n".join(lines) + "\n\nROUGE F, stemmed, mean over the held-out examples; one step budget for every student.\n"
-(out / "results.md").write_text(table)
-print(table + f"wrote {out / 'results.md'}")
-EOF
+# ------------------------------------------------------------------------------------------------ 7. the study
+# Every student method again with seeds 1 .. SEEDS-1 (seed 0 is the run above), and Delta-KD's alpha between FKL's
+# 0 and the paper's 1. The shared steps above (data, raw and fine-tuned models, SeqKD answers) are not redone. FKL
+# is the alpha = 0 point: at seed 0 the table above shows both, equal to the last digit.
+if [[ $STUDY == 1 ]]; then
+  stage study
+  METHODS=(sft fkl rkl seqkd minillm deltakd-onpolicy deltakd-alpha0.25 deltakd-alpha0.5 deltakd-alpha0.75 deltakd)
+  for ((seed = 0; seed < SEEDS; seed++)); do
+    for name in "${METHODS[@]}"; do
+      if [[ $seed == 0 && " ${STUDENTS[*]} " == *" $name "* ]]; then continue; fi  # the toy's own, above
+      lane student "$name" "$seed"
+    done
+  done
+  lanes_done
+  stage end
+  report "$OUT" --study "$OUT-study" --seeds "$SEEDS" --methods "${METHODS[@]}"
+fi
+echo "# reproduce.sh $MODE: $SECONDS s in this run (report.py: the seconds of every step, reused or not)"

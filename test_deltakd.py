@@ -2514,7 +2514,7 @@ def _repro(*args, env=None, timeout=60):
     result = subprocess.run(["bash", str(REPO / "reproduce.sh"), *args],
                             capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "PYTHON": sys.executable, **(env or {})})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
 
@@ -2524,29 +2524,71 @@ def _repro_commands(stdout, script):
     return [argv[argv.index(script) + 1:] for argv in commands if script in argv]
 
 
+def _repro_students(trains):
+    """{(run name, seed): parsed train.py arguments} of the students: every run but the raw models and the teacher."""
+    return {(Path(a.out).name, a.seed): a for a in trains
+            if Path(a.out).name not in ("teacher-raw", "student-raw", "teacher-ft")}
+
+
+TOY_STUDENTS = {"sft": ("sft", 1.0, 0.0), "fkl": ("fkl", 1.0, 0.0), "rkl": ("rkl", 1.0, 0.0), "seqkd": ("sft", 1.0, 0.0),
+                "minillm": ("minillm", 1.0, 0.0), "deltakd": ("deltakd", 1.0, 0.0),
+                "deltakd-alpha0": ("deltakd", 0.0, 0.0), "deltakd-onpolicy": ("deltakd", 1.0, 0.5)}
+STUDY_STUDENTS = {**{k: v for k, v in TOY_STUDENTS.items() if k != "deltakd-alpha0"},
+                  **{f"deltakd-alpha{a}": ("deltakd", a, 0.0) for a in (0.25, 0.5, 0.75)}}
+
+
 @pytest.mark.parametrize("args,env", [
     (["--dry-run"], {}),
     (["toy", "--quick", "--dry-run"], {}),
+    (["study", "--dry-run"], {"SEEDS": "3"}),
+    (["study", "--quick", "--dry-run"], {}),
     (["paper", "--dry-run"], {}),
     (["paper", "--dry-run"], {"DATASET": "openmath", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}),
 ])
 def test_reproduce_dry_run_commands_parse(args, env):
     stdout = _repro(*args, env=env)
-    trains, evals = _repro_commands(stdout, "train.py"), _repro_commands(stdout, "evaluate.py")
-    parsed = [train.get_args(argv) for argv in trains]  # argparse exits on anything it does not accept
-    for argv in evals:
-        evaluate.get_args(argv)
-    students = [a for a in parsed if a.model == parsed[-1].model and not a.random_init]
-    assert sorted(a.loss for a in students) == ["deltakd", "deltakd", "fkl", "rkl", "sft", "sft"]
-    assert sorted(a.alpha for a in students if a.loss == "deltakd") == [0.0, 1.0]
-    assert len({a.max_steps for a in students}) == 1  # one step budget for every method
-    assert len(evals) == 1 + 7  # the SeqKD answers, then the teacher and six students
-    if "paper" in args:
-        assert all(line.startswith("+ torchrun") for line in stdout.splitlines()
-                   if "train.py" in line or "evaluate.py" in line)
-        if env.get("DATASET") == "openmath":  # held out: evaluation rows come after the training rows
-            splits = {a.split for a in parsed if a.split} | {evaluate.get_args(argv).split for argv in evals}
-            assert splits == {"cot[:128000]", "cot[128000:130000]"}
+    trains = [train.get_args(argv) for argv in _repro_commands(stdout, "train.py")]  # argparse exits on any error
+    evals = [evaluate.get_args(argv) for argv in _repro_commands(stdout, "evaluate.py")]
+    students = _repro_students(trains)
+    seeds = int(env.get("SEEDS", 2 if "--quick" in args else 5)) if "study" in args else 1
+    expected = {(name, 0): how for name, how in TOY_STUDENTS.items()}
+    if "study" in args:
+        expected |= {(name, seed): how for name, how in STUDY_STUDENTS.items() for seed in range(seeds)}
+    assert {key: (a.loss, a.alpha, a.on_policy) for key, a in students.items()} == expected
+    assert len(trains) == len(students) + (1 if "paper" in args else 3)  # each step printed once
+    # one optimizer and one step budget for every student; MiniLLM's rollouts as its public script
+    budget = {(a.max_steps, a.batch_size, a.lr, a.min_lr, a.warmup_steps, a.max_len) for a in students.values()}
+    assert len(budget) == 1
+    minillm = students["minillm", 0]
+    assert (minillm.mix, minillm.reward_scale, minillm.ppo_epochs) == (0.2, 0.5, 4)
+    assert minillm.num_rollouts == (256 if "paper" in args else 2 * minillm.batch_size)
+    # the SeqKD answers, the teacher, the raw student, and every student once
+    assert len(evals) == 1 + 2 + len(students)
+    scored = [e for e in evals if not e.write_data]
+    assert len({(e.data, e.split, e.holdout, e.max_len, e.max_new_tokens, e.max_examples) for e in scored}) == 1
+    assert re.search(r"^\+ \S*python\S* report\.py", stdout, re.M)
+    if "paper" not in args:
+        return
+    assert all(line.startswith("+ torchrun") for line in stdout.splitlines()
+               if "train.py" in line or "evaluate.py" in line)
+    seqkd_data = next(e for e in evals if e.write_data)
+    seqkd = students["seqkd", 0]
+    if env.get("DATASET") == "openmath":  # the hash-held-out problems are the test; no training run sees them
+        assert {(a.split, a.holdout, a.drop_long, a.max_len, a.micro_batch_size)
+                for a in trains if a is not seqkd} == {("cot", "train", True, 4096, 1)}
+        assert {(e.split, e.holdout, e.max_len, e.max_new_tokens) for e in scored} == {("cot", "test", 4096, 4096)}
+        assert (seqkd_data.split, seqkd_data.holdout, seqkd_data.max_len) == ("cot", "train", 4096)
+    else:  # whole chats that fit in 2048 tokens, and every kept reference fits in the replies: a ceiling of 1
+        assert {(a.drop_long, a.max_len) for a in trains} == {(True, 2048)}
+        assert {(e.split, e.max_len, e.max_new_tokens) for e in scored} == {("test_sft", 2048, 2048)}
+        assert (seqkd_data.split, seqkd_data.max_len) == ("train_sft", 2048)
+    assert seqkd.data == seqkd_data.write_data and seqkd.drop_long
+
+
+def test_reproduce_bad_arguments():
+    result = subprocess.run(["bash", str(REPO / "reproduce.sh"), "paper", "study", "--dry-run"], capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 2 and "study" in result.stderr
 
 
 def _repro_table(path):
@@ -2554,20 +2596,52 @@ def _repro_table(path):
     return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
 
 
-def test_reproduce_toy_quick_end_to_end_is_deterministic_and_resumes(tmp_path):
-    first = _repro("toy", "--quick", env={"OUT": str(tmp_path / "a")}, timeout=600)
-    table = _repro_table(tmp_path / "a" / "results.md")
-    assert list(table) == ["Teacher (SFT)", "SFT", "FKL", "RKL", "SeqKD", "Delta-KD", "Delta-KD, alpha=0"]
+def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
+    out, study = tmp_path / "toy", tmp_path / "toy-study"
+    env = {"OUT": str(out), "SEEDS": "2"}
+    first = _repro("study", "--quick", env=env, timeout=900)
+    # the toy's table: one run of each method, the same step budget for every student
+    table = _repro_table(out / "results.md")
+    assert list(table) == ["Teacher (SFT)", "Student (raw)", "SFT", "FKL", "RKL", "SeqKD", "MiniLLM", "Delta-KD",
+                           "Delta-KD, alpha=0", "Delta-KD, on-policy (extension)"]
     for method, (r1, r2, rl, steps) in table.items():
         assert all(0.0 <= float(x) <= 1.0 for x in (r1, r2, rl)), method
-    assert {row[3] for name, row in table.items() if name != "Teacher (SFT)"} == {"30"}
-    assert table["FKL"] == table["Delta-KD, alpha=0"]  # alpha = 0 is forward KL, bit for bit
-    assert float(table["Teacher (SFT)"][0]) > float(table["SFT"][0])  # the teacher is the stronger model
-    # a rerun reuses every finished step and prints the same table
-    again = _repro("toy", "--quick", env={"OUT": str(tmp_path / "a")}, timeout=120)
-    assert not re.search(r"^\+ \S*python\S* (train|evaluate)\.py", again, re.M)
-    assert _repro_table(tmp_path / "a" / "results.md") == table
-    # and a second run from scratch gives the same table
-    _repro("toy", "--quick", "--fresh", env={"OUT": str(tmp_path / "b")}, timeout=600)
-    assert _repro_table(tmp_path / "b" / "results.md") == table
-    assert "| Method | R-1 | R-2 | R-L | steps |" in first
+    steps = {row[3] for name, row in table.items() if name not in ("Teacher (SFT)", "Student (raw)")}
+    assert len(steps) == 1 and table["Student (raw)"][3] == "0"
+    notes = (out / "results.md").read_text()
+    assert "pre-training (corpus) loss" in notes and "sampled replies in all" in notes
+    # alpha = 0 is forward KL, bit for bit: the same weights, so the same replies
+    assert (out / "fkl/final/model.safetensors").read_bytes() == \
+        (out / "deltakd-alpha0/final/model.safetensors").read_bytes()
+    assert table["FKL"] == table["Delta-KD, alpha=0"]
+    # the study: every method over both seeds, mean ± sd, paired against FKL
+    results = json.loads((study / "results.json").read_text())
+    assert {name: sorted(runs) for name, runs in results["runs"].items()} == {
+        name: ["0", "1"] for name in STUDY_STUDENTS}
+    assert results["runs"]["fkl"]["0"] == json.loads((out / "eval/fkl/summary.json").read_text())["rouge_stemmed"]
+    rows = _repro_table(study / "results.md")
+    assert list(rows)[:2] == ["Teacher (SFT)", "Student (raw)"] and len(rows) == 2 + len(STUDY_STUDENTS)
+    for name, (r1, r2, rl, diff, wins, steps) in list(rows.items())[2:]:
+        assert all("±" in x for x in (r1, r2, rl)), name
+        assert (diff, wins) == ("", "") if name == "FKL" else ("±" in diff and re.fullmatch(r"[0-2]/2", wins)), name
+    try:
+        import matplotlib  # noqa: F401
+        assert (study / "alpha.png").stat().st_size > 0 and (study / "curves.png").stat().st_size > 0
+    except ImportError:
+        assert "pip install matplotlib" in first
+    times = json.loads((out / "times.json").read_text())
+    assert set(times["stages"]) == {"data", "pre-training", "teacher SFT", "students"} and times["total"] > 0
+    # A rerun reuses every finished step and writes the same tables; one run deleted is made again, bit for bit (FKL
+    # of seed 1: it enters every paired difference).
+    tables = {p: p.read_text() for p in (out / "results.md", study / "results.md", study / "results.json")}
+    weights = (out / "seed1/fkl/final/model.safetensors").read_bytes()
+    shutil.rmtree(out / "seed1/fkl")
+    shutil.rmtree(out / "seed1/eval/fkl")
+    again = _repro("study", "--quick", env=env, timeout=300)
+    assert [argv[-1] for argv in _repro_commands(again, "train.py")] == [str(out / "seed1/fkl")]
+    assert [argv[-1] for argv in _repro_commands(again, "evaluate.py")] == [str(out / "seed1/eval/fkl")]
+    assert (out / "seed1/fkl/final/model.safetensors").read_bytes() == weights
+    assert {p: p.read_text() for p in tables} == tables
+    assert not _repro_commands(again, "data.py")
+    for table in (out / "results.md", study / "results.md"):  # printed again, as they were the first time
+        assert table.read_text().split("\n\n")[0] in again

@@ -1,0 +1,260 @@
+"""The tables, statistics and plots of reproduce.sh, made from its finished run folders.
+
+    python report.py runs/toy       results.md (one run of each method) and times.json (seconds per stage)
+    python report.py runs/toy --study runs/toy-study --seeds 5 --methods sft fkl ...
+                                    the study: results.md (mean ± sd over seeds, each method paired with FKL on the
+                                    same seeds), results.json (every run's scores), alpha.png and curves.png
+
+Everything is read from the folders reproduce.sh writes: eval/<name>/summary.json for the scores, <name>/metrics.jsonl
+for the training curves and step counts, checkpoints' trainer_state.json for MiniLLM's settings, times.tsv for the
+seconds. Seed s > 0 lives under seed<s>/. results.md holds no times, so that two runs of the same commands write the
+same file; the times go to times.json.
+"""
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+LABELS = {"teacher-ft": "Teacher (SFT)", "student-raw": "Student (raw)", "sft": "SFT", "fkl": "FKL", "rkl": "RKL",
+          "seqkd": "SeqKD", "minillm": "MiniLLM", "deltakd": "Delta-KD", "deltakd-alpha0": "Delta-KD, alpha=0",
+          "deltakd-onpolicy": "Delta-KD, on-policy (extension)"}
+KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def label(name):
+    return LABELS.get(name) or "Delta-KD, alpha=" + name.removeprefix("deltakd-alpha")
+
+
+def alpha(name):
+    """Delta-KD's alpha for a run name, or None. FKL is the alpha = 0 point: the loss is the same, bit for bit."""
+    if name in ("fkl", "deltakd"):
+        return 0.0 if name == "fkl" else 1.0
+    return float(name.removeprefix("deltakd-alpha")) if name.startswith("deltakd-alpha") else None
+
+
+def seed_dir(out, seed):
+    return out if seed == 0 else out / f"seed{seed}"
+
+
+def summary(out, name, seed=0):
+    path = seed_dir(out, seed) / "eval" / name / "summary.json"
+    if not path.exists():
+        raise SystemExit(f"report.py: {path} is missing: run reproduce.sh to the end first")
+    return json.loads(path.read_text())
+
+
+def scores(out, name, seed=0):
+    return summary(out, name, seed)["rouge_stemmed"]
+
+
+def metrics(run):
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def steps(run):
+    rows = metrics(run)
+    return rows[-1]["step"] if rows else 0
+
+
+def rollouts(run):
+    """MiniLLM's sampled replies in all: a phase of num_rollouts opens every ppo_epochs x num_rollouts / batch_size
+    optimizer steps. The settings are the run's own, from its last checkpoint."""
+    state = sorted(run.glob("checkpoints/step-*/trainer_state.json"), key=lambda p: int(p.parent.name[5:]))[-1]
+    a = json.loads(state.read_text())["args"]
+    phase = a["ppo_epochs"] * a["num_rollouts"] // a["batch_size"]
+    return math.ceil(steps(run) / phase) * a["num_rollouts"], a["num_rollouts"], phase
+
+
+def pretraining(run):
+    """The raw model's corpus loss: a few points of its curve, its last value, and what the last quarter of the steps
+    gained (the mean loss of the last tenth of the steps against that of the tenth before the last quarter: single
+    logged values swing by a few percent with the mix of documents). Pre-training reads the corpus once, so every
+    logged loss is on text the model had not seen."""
+    rows = metrics(run)
+    if not rows:
+        return None
+    total = rows[-1]["step"]
+    window = lambda lo, hi: statistics.fmean(r["loss"] for r in rows if lo * total < r["step"] <= hi * total)
+    before, last = window(0.65, 0.75), window(0.9, 1.0)
+    points = rows[::max(1, len(rows) // 6)][:-1] + [rows[-1]]
+    curve = ", ".join(f"{r['step']}: {r['loss']:.3f}" for r in points)
+    return (f"{rows[-1]['loss']:.4f} after {total} steps; the last quarter of the steps lowered it by "
+            f"{100 * (before - last) / before:.1f}% ({before:.3f} -> {last:.3f}, means over a tenth of the steps; "
+            f"loss by step: {curve})")
+
+
+# ------------------------------------------------------------------------------------------------ the toy's table
+
+def toy_table(out):
+    names = list(LABELS)
+    lines = ["| Method | R-1 | R-2 | R-L | steps |", "|---|---|---|---|---|"]
+    for name in names:
+        r = scores(out, name)
+        lines.append(f"| {label(name)} | {r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} | "
+                     f"{steps(out / name) if name != 'student-raw' else 0} |")
+    teacher = summary(out, "teacher-ft")
+    n_rollouts, per_phase, phase = rollouts(out / "minillm")
+    notes = [f"ROUGE F, stemmed, mean over the {teacher['examples']} held-out examples; one step budget for every "
+             f"student. The ROUGE ceiling (each reference cut at --max-new-tokens {teacher['max_new_tokens']}) is R-L "
+             f"{teacher['ceiling_stemmed']['rougeL']:.4f}.",
+             f"Student (raw): the student before any fine-tuning, the distribution Delta-KD builds its target on.",
+             f"MiniLLM: {n_rollouts} sampled replies in all, {per_phase} per rollout phase of {phase} optimizer steps.",
+             "Delta-KD, on-policy: an extension, not in the paper: on a seeded half of the steps the KD term is "
+             "computed on the student's own samples (GKD), alpha 1."]
+    for who in ("teacher", "student"):
+        if (loss := pretraining(out / f"{who}-raw")) is not None:
+            notes.append(f"Raw {who}'s pre-training (corpus) loss: {loss}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def times(out):
+    """From times.tsv (stage, step, seconds; the latest line of each wins): each stage's wall-clock seconds, and each
+    step's own seconds. With JOBS lanes side by side, a stage takes less than the sum of its steps."""
+    path, stages, steps = out / "times.tsv", {}, {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stage, step, seconds = line.split("\t")
+        if step == "(wall)":
+            stages[stage] = float(seconds)
+        elif not step.startswith("init"):  # the model folders' mkdir and cp
+            steps.setdefault(stage, {})[step] = float(seconds)
+    return {"stages": stages, "total": round(sum(stages.values()), 1), "steps": steps}
+
+
+def print_times(t):
+    print("wall-clock seconds per stage, as each last ran (a rerun that reuses a stage keeps its time), and in brackets "
+          "each step's own seconds:")
+    for stage, seconds in t["stages"].items():
+        steps = t["steps"].get(stage, {})
+        if len(steps) > 12:  # many runs: per method, its training and its evaluation, each a mean over its runs
+            per = {}
+            for step, s in steps.items():
+                parts = step.split("/")
+                per.setdefault(parts[-1], {}).setdefault("eval" if "eval" in parts else "train", []).append(s)
+            detail = ", ".join(("" if "train" in v else "eval/") + f"{name} "
+                               + "+".join(f"{statistics.fmean(v[k]):.0f}" for k in ("train", "eval") if k in v)
+                               for name, v in per.items())
+            detail = f"{len(steps)} steps; per run, training+evaluation: {detail}"
+        else:
+            detail = ", ".join(f"{k} {v:.0f}" for k, v in steps.items())
+        print(f"  {stage:13} {seconds:7.1f}   ({detail})")
+    print(f"  {'total':13} {t['total']:7.1f}")
+
+
+# ------------------------------------------------------------------------------------------------ the study
+
+def mean_sd(values):
+    m = statistics.fmean(values)
+    return m, statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def fmt(m, sd, sign=""):
+    return f"{m:{sign}.4f}" + ("" if math.isnan(sd) else f" ± {sd:.4f}")
+
+
+def study(out, study_out, seeds, methods):
+    runs = {name: {s: scores(out, name, s) for s in seeds} for name in methods}
+    shared = {name: scores(out, name) for name in ("teacher-ft", "student-raw")}
+    table = ["| Method | R-1 | R-2 | R-L | R-L − FKL | wins vs FKL | steps |", "|---|---|---|---|---|---|---|"]
+    for name, r in shared.items():
+        table.append(f"| {label(name)} | " + " | ".join(f"{r[k]:.4f}" for k in KEYS)
+                     + f" | | | {steps(out / name) if name != 'student-raw' else 0} |")
+    result = {}
+    for name in methods:
+        result[name] = {k: mean_sd([runs[name][s][k] for s in seeds]) for k in KEYS}
+        diff, wins = "", ""
+        if "fkl" in runs and name != "fkl":  # paired: the same seed is the same data order
+            d = [runs[name][s]["rougeL"] - runs["fkl"][s]["rougeL"] for s in seeds]
+            result[name]["rougeL_minus_fkl"] = mean_sd(d)
+            result[name]["wins_vs_fkl"] = sum(x > 0 for x in d)
+            diff, wins = fmt(*mean_sd(d), sign="+"), f"{sum(x > 0 for x in d)}/{len(seeds)}"
+        table.append(f"| {label(name)} | " + " | ".join(fmt(*result[name][k]) for k in KEYS)
+                     + f" | {diff} | {wins} | {steps(out / name)} |")
+    S = len(seeds)
+    notes = [f"ROUGE F, stemmed, on the same {summary(out, 'teacher-ft')['examples']} held-out examples for every "
+             f"run: mean ± standard deviation over {S} seeds ({', '.join(map(str, seeds))}). The seed sets the "
+             "student's data order and, for MiniLLM and on-policy, its samples; the raw and fine-tuned models and "
+             "the SeqKD answers are made once and shared, so their rows have one value.",
+             "R-L − FKL: the mean over seeds of each method's R-L minus FKL's with the same seed, ± its standard "
+             f"deviation; wins: the seeds where it beats FKL. {S}/{S} wins has a two-sided sign-test p of "
+             f"{2 / 2 ** S:.3g}. The spread is over training runs only: every run meets the same test examples.",
+             "FKL is Delta-KD's alpha = 0 point: the loss is the same function, and "]
+    fkl, alpha0 = runs.get("fkl", {}).get(seeds[0]), None
+    if (out / "eval" / "deltakd-alpha0" / "summary.json").exists():
+        alpha0 = scores(out, "deltakd-alpha0")
+    notes[-1] += ("at seed 0 Delta-KD with alpha=0 scored exactly what FKL scored." if fkl and fkl == alpha0 else
+                  "its alpha = 0 run at seed 0 is missing or DIFFERS from FKL: see the toy's table.")
+    text = "\n".join(table) + "\n\n" + "\n\n".join(notes) + "\n"
+    study_out.mkdir(parents=True, exist_ok=True)
+    (study_out / "results.md").write_text(text)
+    (study_out / "results.json").write_text(json.dumps(
+        {"seeds": seeds, "shared": shared, "runs": {n: {str(s): r for s, r in v.items()} for n, v in runs.items()},
+         "summary": result, "steps": steps(out / "fkl")}, indent=1) + "\n")
+    print(text + f"wrote {study_out / 'results.md'} and {study_out / 'results.json'}")
+    plots(out, study_out, seeds, methods, runs)
+
+
+def plots(out, study_out, seeds, methods, runs):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install matplotlib, then run the same command again)")
+        return
+    # R-L against alpha, each seed a dot, the mean ± sd a bar; FKL and SFT as levels
+    sweep = sorted((alpha(n), n) for n in methods if alpha(n) is not None)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for a, name in sweep:
+        values = [runs[name][s]["rougeL"] for s in seeds]
+        ax.plot([a] * len(values), values, ".", color="0.6")
+        ax.errorbar(a, *mean_sd(values)[:1], yerr=mean_sd(values)[1] if len(values) > 1 else None, fmt="o",
+                    color="C0", capsize=4)
+    for name, style in (("fkl", "--"), ("sft", ":")):
+        if name in runs:
+            ax.axhline(statistics.fmean(runs[name][s]["rougeL"] for s in seeds), ls=style, color="0.3", label=label(name))
+    ax.set(xlabel="alpha (0 is FKL)", ylabel="R-L (stemmed)", title=f"Delta-KD's alpha, {len(seeds)} seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(study_out / "alpha.png", dpi=120)
+    # the training loss and its KD term, mean over seeds at each logged step
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, name in enumerate(methods):
+        curves = [metrics(seed_dir(out, s) / name) for s in seeds]
+        x = [r["step"] for r in curves[0]]
+        for ax, key in zip(axes, ("loss", "kd")):
+            if key == "kd" and name in ("sft", "seqkd"):  # trained on data alone: no KD term
+                continue
+            y = [statistics.fmean(c[j][key] for c in curves) for j in range(len(x))]
+            ax.plot(x, y, label=label(name), color=f"C{i % 10}", ls="-" if i < 10 else "--")
+    axes[0].set(xlabel="step", ylabel="training loss", title="training loss (each method's own, not comparable)")
+    axes[1].set(xlabel="step", ylabel="KD term", title="KD term (MiniLLM: its single-step reverse KL)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(study_out / "curves.png", dpi=120)
+    print(f"wrote {study_out / 'alpha.png'} and {study_out / 'curves.png'}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", type=Path, help="reproduce.sh's run folder (OUT)")
+    p.add_argument("--study", type=Path, help="write the study's results here")
+    p.add_argument("--seeds", type=int, default=1, help="the study's seeds: 0 .. SEEDS-1")
+    p.add_argument("--methods", nargs="+", default=[], help="the study's students, by run name")
+    args = p.parse_args()
+    if args.study:
+        study(args.out, args.study, list(range(args.seeds)), args.methods)
+        t = times(args.out)
+        (args.study / "times.json").write_text(json.dumps(t, indent=1) + "\n")
+    else:
+        text = toy_table(args.out)
+        (args.out / "results.md").write_text(text)
+        print(text + f"wrote {args.out / 'results.md'}")
+        t = times(args.out)
+        (args.out / "times.json").write_text(json.dumps(t, indent=1) + "\n")
+    print_times(t)
+
+
+if __name__ == "__main__":
+    main()

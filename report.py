@@ -1,9 +1,10 @@
 """The tables, statistics and plots of reproduce.sh, made from its finished run folders.
 
     python report.py runs/toy       results.md (one run of each method) and times.json (seconds per stage)
-    python report.py runs/toy --study runs/toy-study --seeds 5 --methods sft fkl ...
+    python report.py runs/toy-study --study --seeds 5 --methods sft fkl ...
                                     the study: results.md (mean ± sd over seeds, each method paired with FKL on the
-                                    same seeds), results.json (every run's scores), alpha.png and curves.png
+                                    same seeds), results.json (every run's scores), alpha.png and curves.png, and
+                                    results-seed0.md (seed 0's runs as the toy's table)
 
 Everything is read from the folders reproduce.sh writes: eval/<name>/summary.json for the scores, <name>/metrics.jsonl
 for the training curves and step counts, checkpoints' trainer_state.json for MiniLLM's settings, times.tsv for the
@@ -88,25 +89,33 @@ def pretraining(run):
 # ------------------------------------------------------------------------------------------------ the toy's table
 
 def toy_table(out):
+    return table_of_runs(out) + "\n" + "\n".join(toy_notes(out)) + "\n"
+
+
+def table_of_runs(out):
     names = list(LABELS)
     lines = ["| Method | R-1 | R-2 | R-L | steps |", "|---|---|---|---|---|"]
     for name in names:
         r = scores(out, name)
         lines.append(f"| {label(name)} | {r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} | "
                      f"{steps(out / name) if name != 'student-raw' else 0} |")
+    return "\n".join(lines) + "\n"
+
+
+def toy_notes(out):
     teacher = summary(out, "teacher-ft")
     n_rollouts, per_phase, phase = rollouts(out / "minillm")
     notes = [f"ROUGE F, stemmed, mean over the {teacher['examples']} held-out examples; one step budget for every "
              f"student. The ROUGE ceiling (each reference cut at --max-new-tokens {teacher['max_new_tokens']}) is R-L "
              f"{teacher['ceiling_stemmed']['rougeL']:.4f}.",
-             f"Student (raw): the student before any fine-tuning, the distribution Delta-KD builds its target on.",
+             "Student (raw): the student before any fine-tuning, the distribution Delta-KD builds its target on.",
              f"MiniLLM: {n_rollouts} sampled replies in all, {per_phase} per rollout phase of {phase} optimizer steps.",
              "Delta-KD, on-policy: an extension, not in the paper: on a seeded half of the steps the KD term is "
              "computed on the student's own samples (GKD), alpha 1."]
     for who in ("teacher", "student"):
         if (loss := pretraining(out / f"{who}-raw")) is not None:
             notes.append(f"Raw {who}'s pre-training (corpus) loss: {loss}.")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return notes
 
 
 def times(out):
@@ -153,7 +162,7 @@ def fmt(m, sd, sign=""):
     return f"{m:{sign}.4f}" + ("" if math.isnan(sd) else f" ± {sd:.4f}")
 
 
-def study(out, study_out, seeds, methods):
+def study(out, seeds, methods):
     runs = {name: {s: scores(out, name, s) for s in seeds} for name in methods}
     shared = {name: scores(out, name) for name in ("teacher-ft", "student-raw")}
     table = ["| Method | R-1 | R-2 | R-L | R-L − FKL | wins vs FKL | steps |", "|---|---|---|---|---|---|---|"]
@@ -175,7 +184,8 @@ def study(out, study_out, seeds, methods):
     notes = [f"ROUGE F, stemmed, on the same {summary(out, 'teacher-ft')['examples']} held-out examples for every "
              f"run: mean ± standard deviation over {S} seeds ({', '.join(map(str, seeds))}). The seed sets the "
              "student's data order and, for MiniLLM and on-policy, its samples; the raw and fine-tuned models and "
-             "the SeqKD answers are made once and shared, so their rows have one value.",
+             "the SeqKD answers are made once and shared, so their rows have one value. The ROUGE ceiling (each "
+             f"reference cut at --max-new-tokens) is R-L {summary(out, 'teacher-ft')['ceiling_stemmed']['rougeL']:.4f}.",
              "R-L − FKL: the mean over seeds of each method's R-L minus FKL's with the same seed, ± its standard "
              f"deviation; wins: the seeds where it beats FKL. {S}/{S} wins has a two-sided sign-test p of "
              f"{2 / 2 ** S:.3g}. The spread is over training runs only: every run meets the same test examples.",
@@ -184,18 +194,19 @@ def study(out, study_out, seeds, methods):
     if (out / "eval" / "deltakd-alpha0" / "summary.json").exists():
         alpha0 = scores(out, "deltakd-alpha0")
     notes[-1] += ("at seed 0 Delta-KD with alpha=0 scored exactly what FKL scored." if fkl and fkl == alpha0 else
-                  "its alpha = 0 run at seed 0 is missing or DIFFERS from FKL: see the toy's table.")
+                  "its alpha = 0 run at seed 0 is missing or DIFFERS from FKL: see results-seed0.md.")
+    notes += toy_notes(out)[1:]  # the raw student, MiniLLM's rollouts, on-policy, the raw models' pre-training
     text = "\n".join(table) + "\n\n" + "\n\n".join(notes) + "\n"
-    study_out.mkdir(parents=True, exist_ok=True)
-    (study_out / "results.md").write_text(text)
-    (study_out / "results.json").write_text(json.dumps(
+    (out / "results.md").write_text(text)
+    (out / "results-seed0.md").write_text(toy_table(out))
+    (out / "results.json").write_text(json.dumps(
         {"seeds": seeds, "shared": shared, "runs": {n: {str(s): r for s, r in v.items()} for n, v in runs.items()},
          "summary": result, "steps": steps(out / "fkl")}, indent=1) + "\n")
-    print(text + f"wrote {study_out / 'results.md'} and {study_out / 'results.json'}")
-    plots(out, study_out, seeds, methods, runs)
+    print(text + f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results-seed0.md'}")
+    plots(out, seeds, methods, runs)
 
 
-def plots(out, study_out, seeds, methods, runs):
+def plots(out, seeds, methods, runs):
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display
@@ -217,7 +228,7 @@ def plots(out, study_out, seeds, methods, runs):
     ax.set(xlabel="alpha (0 is FKL)", ylabel="R-L (stemmed)", title=f"Delta-KD's alpha, {len(seeds)} seeds")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(study_out / "alpha.png", dpi=120)
+    fig.savefig(out / "alpha.png", dpi=120)
     # the training loss and its KD term, mean over seeds at each logged step
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, name in enumerate(methods):
@@ -232,27 +243,25 @@ def plots(out, study_out, seeds, methods, runs):
     axes[1].set(xlabel="step", ylabel="KD term", title="KD term (MiniLLM: its single-step reverse KL)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(study_out / "curves.png", dpi=120)
-    print(f"wrote {study_out / 'alpha.png'} and {study_out / 'curves.png'}")
+    fig.savefig(out / "curves.png", dpi=120)
+    print(f"wrote {out / 'alpha.png'} and {out / 'curves.png'}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path, help="reproduce.sh's run folder (OUT)")
-    p.add_argument("--study", type=Path, help="write the study's results here")
+    p.add_argument("--study", action="store_true", help="the study's tables, over --seeds and --methods")
     p.add_argument("--seeds", type=int, default=1, help="the study's seeds: 0 .. SEEDS-1")
     p.add_argument("--methods", nargs="+", default=[], help="the study's students, by run name")
     args = p.parse_args()
     if args.study:
-        study(args.out, args.study, list(range(args.seeds)), args.methods)
-        t = times(args.out)
-        (args.study / "times.json").write_text(json.dumps(t, indent=1) + "\n")
+        study(args.out, list(range(args.seeds)), args.methods)
     else:
         text = toy_table(args.out)
         (args.out / "results.md").write_text(text)
         print(text + f"wrote {args.out / 'results.md'}")
-        t = times(args.out)
-        (args.out / "times.json").write_text(json.dumps(t, indent=1) + "\n")
+    t = times(args.out)
+    (args.out / "times.json").write_text(json.dumps(t, indent=1) + "\n")
     print_times(t)
 
 

@@ -2597,43 +2597,44 @@ def _repro_table(path):
 
 
 def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
-    out, study = tmp_path / "toy", tmp_path / "toy-study"
+    out = tmp_path / "toy-study"
     env = {"OUT": str(out), "SEEDS": "2"}
     first = _repro("study", "--quick", env=env, timeout=900)
-    # the toy's table: one run of each method, the same step budget for every student
-    table = _repro_table(out / "results.md")
+    # seed 0 as the toy's table: one run of each method, the same step budget for every student
+    table = _repro_table(out / "results-seed0.md")
     assert list(table) == ["Teacher (SFT)", "Student (raw)", "SFT", "FKL", "RKL", "SeqKD", "MiniLLM", "Delta-KD",
                            "Delta-KD, alpha=0", "Delta-KD, on-policy (extension)"]
     for method, (r1, r2, rl, steps) in table.items():
         assert all(0.0 <= float(x) <= 1.0 for x in (r1, r2, rl)), method
     steps = {row[3] for name, row in table.items() if name not in ("Teacher (SFT)", "Student (raw)")}
     assert len(steps) == 1 and table["Student (raw)"][3] == "0"
-    notes = (out / "results.md").read_text()
+    notes = (out / "results-seed0.md").read_text()
     assert "pre-training (corpus) loss" in notes and "sampled replies in all" in notes
     # alpha = 0 is forward KL, bit for bit: the same weights, so the same replies
     assert (out / "fkl/final/model.safetensors").read_bytes() == \
         (out / "deltakd-alpha0/final/model.safetensors").read_bytes()
     assert table["FKL"] == table["Delta-KD, alpha=0"]
     # the study: every method over both seeds, mean ± sd, paired against FKL
-    results = json.loads((study / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
     assert {name: sorted(runs) for name, runs in results["runs"].items()} == {
         name: ["0", "1"] for name in STUDY_STUDENTS}
     assert results["runs"]["fkl"]["0"] == json.loads((out / "eval/fkl/summary.json").read_text())["rouge_stemmed"]
-    rows = _repro_table(study / "results.md")
+    rows = _repro_table(out / "results.md")
+    assert "pre-training (corpus) loss" in (out / "results.md").read_text()
     assert list(rows)[:2] == ["Teacher (SFT)", "Student (raw)"] and len(rows) == 2 + len(STUDY_STUDENTS)
     for name, (r1, r2, rl, diff, wins, steps) in list(rows.items())[2:]:
         assert all("±" in x for x in (r1, r2, rl)), name
         assert (diff, wins) == ("", "") if name == "FKL" else ("±" in diff and re.fullmatch(r"[0-2]/2", wins)), name
     try:
         import matplotlib  # noqa: F401
-        assert (study / "alpha.png").stat().st_size > 0 and (study / "curves.png").stat().st_size > 0
+        assert (out / "alpha.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
     except ImportError:
         assert "pip install matplotlib" in first
     times = json.loads((out / "times.json").read_text())
-    assert set(times["stages"]) == {"data", "pre-training", "teacher SFT", "students"} and times["total"] > 0
+    assert set(times["stages"]) == {"data", "pre-training", "teacher SFT", "students", "study"} and times["total"] > 0
     # A rerun reuses every finished step and writes the same tables; one run deleted is made again, bit for bit (FKL
     # of seed 1: it enters every paired difference).
-    tables = {p: p.read_text() for p in (out / "results.md", study / "results.md", study / "results.json")}
+    tables = {p: p.read_text() for p in (out / "results.md", out / "results-seed0.md", out / "results.json")}
     weights = (out / "seed1/fkl/final/model.safetensors").read_bytes()
     shutil.rmtree(out / "seed1/fkl")
     shutil.rmtree(out / "seed1/eval/fkl")
@@ -2643,5 +2644,4 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     assert (out / "seed1/fkl/final/model.safetensors").read_bytes() == weights
     assert {p: p.read_text() for p in tables} == tables
     assert not _repro_commands(again, "data.py")
-    for table in (out / "results.md", study / "results.md"):  # printed again, as they were the first time
-        assert table.read_text().split("\n\n")[0] in again
+    assert (out / "results.md").read_text().split("\n\n")[0] in again  # printed again, as the first time

@@ -93,13 +93,15 @@ def gathered(*models):
 
 
 @torch.no_grad()
-def sample_replies(student, prompts, seeds, limits, stop_ids, vocab_size, teacher=None, mix=0.0):
+def sample_replies(student, prompts, seeds, limits, stop_ids, vocab_size, teacher=None, mix=0.0, shape=None):
     """One reply per prompt (a list of token ids), drawn token by token from p~ = (1 - mix) q + mix p at temperature
     1, over the tokenizer's ids only (never an lm_head padding row), until a stop id or the prompt's limit of new
     tokens. Each row has its own generator seeded by `seeds`. Returns per row {tokens, log_q, log_p, log_mix}: the
-    log-probabilities of each drawn token under the student, the teacher (the student's when there is none) and p~."""
+    log-probabilities of each drawn token under the student, the teacher (the student's when there is none) and p~.
+    shape = (prompt width, cache's new tokens), at least this batch's; give every rank the same (global_max), and a
+    row sees the same padding and cache, so the same arithmetic, on any number of processes."""
     B, dev = len(prompts), student.lm_head.weight.device
-    T, N = max(map(len, prompts)), max(limits)
+    T, N = shape or (max(map(len, prompts)), max(limits))
     ids = torch.tensor([[stop_ids[0]] * (T - len(p)) + p for p in prompts], device=dev)  # (B, T), left-padded
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
     gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
@@ -169,6 +171,12 @@ def global_count(targets, device):
     return n
 
 
+def global_max(values, device):
+    t = torch.tensor(values, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def on_policy_batches(student, examples, micro_batches, step, args, stop_ids, vocab_size, rank, world, pad_id):
     """--on-policy (GKD): this step's examples with each reply replaced by the student's own sample for its prompt, at
     temperature 1, laid out again like data. The samples are gathered first, so that every rank lays out the same
@@ -176,10 +184,11 @@ def on_policy_batches(student, examples, micro_batches, step, args, stop_ids, vo
     t0 = time.perf_counter()
     mine = [i for mb in micro_batches for i in mb["index"].tolist() if i >= 0]
     prompts = [prompt_of(examples[i]) for i in mine]
+    limits = [min(args.max_new_tokens, args.max_len - len(p)) for p in prompts]
+    shape = global_max([max(map(len, prompts)), max(limits)], student.lm_head.weight.device)
     with gathered(student):
-        replies = sample_replies(student, prompts, [seed_of(args.seed, step, i) for i in mine],
-                                 [min(args.max_new_tokens, args.max_len - len(p)) for p in prompts], stop_ids,
-                                 vocab_size)
+        replies = sample_replies(student, prompts, [seed_of(args.seed, step, i) for i in mine], limits, stop_ids,
+                                 vocab_size, shape=shape)
     everyone = [None] * world
     dist.all_gather_object(everyone, [(p + r["tokens"], len(p)) for p, r in zip(prompts, replies)])
     rows = [row for part in everyone for row in part]  # (prompt + reply, prompt length)
@@ -212,10 +221,11 @@ class MiniLLM:
         self.prompts.epoch, self.prompts.step = divmod(phase, len(self.prompts))
         mine = [i for mb in next(iter(self.prompts)) for i in mb["index"].tolist() if i >= 0]
         prompts = [prompt_of(self.examples[i]) for i in mine]
+        limits = [min(args.max_new_tokens, args.max_len - len(p)) for p in prompts]
+        shape = global_max([max(map(len, prompts)), max(limits)], self.device)
         with gathered(self.student, self.teacher):
-            replies = sample_replies(self.student, prompts, [seed_of(args.seed, phase, i) for i in mine],
-                                     [min(args.max_new_tokens, args.max_len - len(p)) for p in prompts],
-                                     self.stop_ids, self.vocab_size, self.teacher, args.mix)
+            replies = sample_replies(self.student, prompts, [seed_of(args.seed, phase, i) for i in mine], limits,
+                                     self.stop_ids, self.vocab_size, self.teacher, args.mix, shape)
         everyone = [None] * self.world
         dist.all_gather_object(everyone, list(zip(mine, prompts, replies)))
         rollouts = sorted((r for part in everyone for r in part), key=lambda r: r[0])  # the same order on every rank

@@ -156,7 +156,7 @@ def test_loss_chunked_equals_unchunked(chunk_size):
     (g_whole,) = torch.autograd.grad(whole, s)
     chunked = delta_kd_loss(s, labels, t, t_raw, s_raw, chunk_size=chunk_size)
     (g_chunked,) = torch.autograd.grad(chunked, s)
-    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)  # one fp32 sum vs a sum of chunk sums
     torch.testing.assert_close(g_chunked, g_whole, rtol=1e-6, atol=1e-9)
 
 
@@ -467,7 +467,8 @@ def test_model_padding_gives_unpadded_logits(tmp_path):
 
 @pytest.mark.parametrize("name", ["tied-gqa", "untied-mqa"])
 def test_model_greedy_generation_follows_oracle_argmax(tmp_path, name):
-    ours, hf = _model_pair(tmp_path, name)
+    # in float64, where the two models agree to ~1e-14: a near-tie between two tokens cannot flip on another CPU
+    ours, hf = (m.double() for m in _model_pair(tmp_path, name))
     rows = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15]]
     ids, mask = _model_left_pad(rows)
     N = 12
@@ -501,7 +502,11 @@ def test_model_decoding_steps_give_the_full_forward_logits(tmp_path):
         torch.testing.assert_close(torch.stack(steps, 1), full, atol=atol, rtol=0)
         assert torch.equal(state.real, torch.cat([mask, torch.ones_like(new)], 1).bool())  # padding stays unseen
         assert state.slot.item() == ids.size(1) + new.size(1) and state.pos.tolist() == [9, 7, 5]
-    assert torch.equal(compiled.generate(ids, mask, max_new_tokens=6), ours.generate(ids, mask, max_new_tokens=6))
+    # compiled greedy decoding picks, at every step, the eager model's best token (to 1e-4: a near-tie may go either way)
+    gen = compiled.generate(ids, mask, max_new_tokens=6)
+    logits = ours(gen, torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1))[:, ids.size(1) - 1:-1]
+    chosen = logits.gather(-1, gen[:, ids.size(1):, None])[..., 0]
+    assert (chosen >= logits.max(-1).values - 1e-4).all()
 
 
 def test_model_generation_eos_fill_and_early_stop(tmp_path):
@@ -1921,7 +1926,7 @@ def test_train_compile_equals_eager(_train_world, tmp_path):
 def test_train_resume_gives_identical_weights(_train_world, tmp_path):
     out = tmp_path / "run"
     args = ["--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5", "--save-every", "2",
-            "--warmup-steps", "2"]
+            "--warmup-steps", "2", "--min-lr", "1e-3"]  # the last step moves the weights
     _train_run(_train_world, out, *args, nproc=2)
     reference = _train_weights(out / "final")
     ckpts = out / "checkpoints"

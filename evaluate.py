@@ -19,6 +19,7 @@ References:
 """
 import argparse
 import functools
+import gc
 import json
 import math
 import os
@@ -438,6 +439,11 @@ def main(argv=None):
         parts = [None] * world if rank == 0 else None
         dist.gather_object(replies, parts, dst=0)
         replies = {i: reply for part in parts or [] for i, reply in part.items()}
+        # Tear gloo down only once every rank is done with it, and with nothing left for interpreter shutdown to
+        # collect: either race can end a finished run in "terminate called without an active exception"
+        del model
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
         return

@@ -14,6 +14,12 @@ import sys
 import unicodedata
 from pathlib import Path
 
+# torch.compile's on-disk cache is not keyed by ATEN_CPU_CAPABILITY: a kernel cached under AVX2 then fails to build
+# under `default` ("'at::vec' has not been declared"). One cache per setting, shared by this suite's subprocesses;
+# set before importing torch, which fills in its default.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    "/tmp", f"torchinductor-deltakd-{os.environ.get('ATEN_CPU_CAPABILITY', 'auto')}"))
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

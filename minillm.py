@@ -98,7 +98,7 @@ def sample_replies(student, prompts, seeds, limits, stop_ids, vocab_size, teache
     1, over the tokenizer's ids only (never an lm_head padding row), until a stop id or the prompt's limit of new
     tokens. Each row has its own generator seeded by `seeds`. Returns per row {tokens, log_q, log_p, log_mix}: the
     log-probabilities of each drawn token under the student, the teacher (the student's when there is none) and p~.
-    shape = (prompt width, cache's new tokens), at least this batch's; give every rank the same (global_max), and a
+    shape = (prompt width, cache's new tokens), at least this batch's; give every rank the same (reply_limits), and a
     row sees the same padding and cache, so the same arithmetic, on any number of processes."""
     B, dev = len(prompts), student.lm_head.weight.device
     T, N = shape or (max(map(len, prompts)), max(limits))
@@ -171,10 +171,13 @@ def global_count(targets, device):
     return n
 
 
-def global_max(values, device):
-    t = torch.tensor(values, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+def reply_limits(prompts, args, device):
+    """Each prompt's limit of new tokens (--max-new-tokens, within --max-len), and the sampling shape (prompt width,
+    new tokens) as the maximum over all ranks, for sample_replies: the same on every rank, whatever the world size."""
+    limits = [min(args.max_new_tokens, args.max_len - len(p)) for p in prompts]
+    shape = torch.tensor([max(map(len, prompts)), max(limits)], device=device)
+    dist.all_reduce(shape, op=dist.ReduceOp.MAX)
+    return limits, shape.tolist()
 
 
 def on_policy_batches(student, examples, micro_batches, step, args, stop_ids, vocab_size, rank, world, pad_id):
@@ -184,8 +187,7 @@ def on_policy_batches(student, examples, micro_batches, step, args, stop_ids, vo
     t0 = time.perf_counter()
     mine = [i for mb in micro_batches for i in mb["index"].tolist() if i >= 0]
     prompts = [prompt_of(examples[i]) for i in mine]
-    limits = [min(args.max_new_tokens, args.max_len - len(p)) for p in prompts]
-    shape = global_max([max(map(len, prompts)), max(limits)], student.lm_head.weight.device)
+    limits, shape = reply_limits(prompts, args, student.lm_head.weight.device)
     with gathered(student):
         replies = sample_replies(student, prompts, [seed_of(args.seed, step, i) for i in mine], limits, stop_ids,
                                  vocab_size, shape=shape)
@@ -221,8 +223,7 @@ class MiniLLM:
         self.prompts.epoch, self.prompts.step = divmod(phase, len(self.prompts))
         mine = [i for mb in next(iter(self.prompts)) for i in mb["index"].tolist() if i >= 0]
         prompts = [prompt_of(self.examples[i]) for i in mine]
-        limits = [min(args.max_new_tokens, args.max_len - len(p)) for p in prompts]
-        shape = global_max([max(map(len, prompts)), max(limits)], self.device)
+        limits, shape = reply_limits(prompts, args, self.device)
         with gathered(self.student, self.teacher):
             replies = sample_replies(self.student, prompts, [seed_of(args.seed, phase, i) for i in mine], limits,
                                      self.stop_ids, self.vocab_size, self.teacher, args.mix, shape)

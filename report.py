@@ -181,12 +181,13 @@ def study(out, seeds, methods):
         table.append(f"| {label(name)} | " + " | ".join(fmt(*result[name][k]) for k in KEYS)
                      + f" | {diff} | {wins} | {steps(out / name)} |")
     S = len(seeds)
-    notes = [f"ROUGE F, stemmed, on the same {summary(out, 'teacher-ft')['examples']} held-out examples for every "
+    teacher = summary(out, "teacher-ft")
+    notes = [f"ROUGE F, stemmed, on the same {teacher['examples']} held-out examples for every "
              f"run: mean ± standard deviation over {S} seeds ({', '.join(map(str, seeds))}). The seed sets the "
              "student's data order and, for MiniLLM and on-policy, its samples; the raw and fine-tuned models and "
              "the SeqKD answers are made once and shared, so their rows have one value. The ROUGE ceiling (each "
              "reference cut at --max-new-tokens) is R-L "
-             f"{summary(out, 'teacher-ft')['ceiling_stemmed']['rougeL']:.4f}.",
+             f"{teacher['ceiling_stemmed']['rougeL']:.4f}.",
              "R-L − FKL: the mean over seeds of each method's R-L minus FKL's with the same seed, ± its standard "
              f"deviation; wins: the seeds where it beats FKL. {S}/{S} wins has a two-sided sign-test p of "
              f"{2 / 2 ** S:.3g}. The spread is over training runs only: every run meets the same test examples.",

@@ -104,16 +104,18 @@ if [[ $MODE == toy ]]; then
   # under an hour) and the raw models' pre-training curves, before any method's score was looked at. Nothing here is
   # tuned toward a method.
   # - Delta-KD builds its target on the raw student's distribution, so the raw models must have learned their corpus.
-  #   Pre-training reads it once (PRETRAIN_STEPS x PRETRAIN_BATCH documents), so every logged loss is a held-out loss;
-  #   report.py prints the curves. 600 steps is what the default toy's 8 minutes afford: by then both models have the
-  #   corpus's format and copy a problem's numbers into its solution (the student's loss is 0.79 at 300 steps, 0.59
-  #   at 600), but they are still learning its arithmetic (at 1200 steps the student reaches 0.48, the gain almost
-  #   all on the digits of results), so the default toy runs the pipeline rather than testing the premise.
-  #   The study is the experiment, and the hour it may take affords 4 times more: 2400 steps (13 minutes for the
-  #   teacher on one core), in its own folder. The student's corpus loss falls from 0.59 to 0.40 and the teacher's from
-  #   0.54 to 0.33; the teacher's has levelled off (its last quarter of steps gains 5%), the student's has slowed but
-  #   not stopped (11%: more steps would still teach it arithmetic).
-  # - The teacher is 6.5 times the student (0.87M and 0.13M weights in matrices); both see the same documents.
+  #   Pre-training reads it at most once, so every logged loss is a held-out loss; report.py prints the curves.
+  #   600 teacher steps is what the default toy's 8 minutes afford: by then both models have the corpus's format and
+  #   copy a problem's numbers into its solution, but they are still learning its arithmetic (the gain in later steps
+  #   is almost all on the digits of results), so the default toy runs the pipeline rather than testing the premise.
+  #   The study is the experiment, and the hour it may take affords 4 times more: 2400 teacher steps (13 minutes on
+  #   one core), in its own folder. The teacher's corpus loss falls from 0.54 to 0.33 and levels off (its last quarter
+  #   of steps gains 5%).
+  # - The student pre-trains 3 times as many steps as the teacher, on 3 times as many documents (the teacher's are the
+  #   first third of the student's), in its own lane: its steps cost a third of the teacher's, so this fits in the
+  #   time the teacher takes anyway. The rule came from the student's curve alone: with the teacher's 2400 steps its
+  #   loss was 0.40 and still falling (11% over the last quarter); with 7200 it is 0.34 and level (2%).
+  # - The teacher is 6.5 times the student (0.87M and 0.13M weights in matrices).
   # - The teacher's SFT and every student get the same budget, 120 steps of 12 chats: 1440 of the 4000 training chats,
   #   under one epoch like the paper's 1000 steps of 128 over UltraChat's 200k. It is what the 8 minutes leave.
   # - Replies are at most 70 tokens long: --max-new-tokens 96 lets every reference fit (the ROUGE ceiling is 1) while
@@ -136,7 +138,7 @@ if [[ $MODE == toy ]]; then
     N_TRAIN=4000 N_TEST=200 PRETRAIN_STEPS=${PRETRAIN_STEPS:-600} PRETRAIN_BATCH=32 STEPS=${STEPS:-120}
     TEACHER_STEPS=${STEPS:-120} BATCH=12 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3
   fi
-  N_CORPUS=$((PRETRAIN_STEPS * PRETRAIN_BATCH))
+  STUDENT_PRETRAIN_STEPS=$((3 * PRETRAIN_STEPS)) N_CORPUS=$((3 * PRETRAIN_STEPS * PRETRAIN_BATCH))
   JOBS=${JOBS:-$(nproc)}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   EVAL_EXAMPLES=${EVAL_EXAMPLES:-$N_TEST}
@@ -202,10 +204,10 @@ TEACHER=$OUT/teacher-ft/final
 echo "# reproduce.sh $MODE$([[ $STUDY == 1 ]] && echo " study, $SEEDS seeds"): writing to $OUT"
 
 # ------------------------------------------------------------------------------------------------ the steps
-# pretrain WHO: a toy raw model, from random weights on the plain-text corpus
+# pretrain WHO STEPS: a toy raw model, from random weights on the plain-text corpus
 pretrain() {
   run "$OUT/$1-raw/final" "${LAUNCH[@]}" train.py --model "$OUT/init/$1" --random-init --loss sft \
-    --data "$DATA_DIR/corpus.jsonl" --max-steps "$PRETRAIN_STEPS" "${PRETRAIN[@]}" --out "$OUT/$1-raw"
+    --data "$DATA_DIR/corpus.jsonl" --max-steps "$2" "${PRETRAIN[@]}" --out "$OUT/$1-raw"
 }
 
 teacher_sft() {
@@ -264,10 +266,10 @@ if [[ $MODE == toy ]]; then
   "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
   "rope_theta": 1000000.0, "tie_word_embeddings": true, "max_position_embeddings": 512}'
   stage pre-training
-  lane pretrain teacher
+  lane pretrain teacher "$PRETRAIN_STEPS"
   # what needs only the raw student runs while the (larger) teacher pre-trains
   student_side() {
-    pretrain student
+    pretrain student "$STUDENT_PRETRAIN_STEPS"
     evaluation "$STUDENT_RAW" "$OUT/eval/student-raw"  # every student's starting point, before any fine-tuning
     local seed
     for ((seed = 0; seed < SEEDS * STUDY || seed == 0; seed++)); do student sft "$seed"; done  # the study's too

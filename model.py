@@ -147,19 +147,19 @@ class Qwen2Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, slot=None):
-        # kv_cache (2, B, Hkv, S, D): a prefill (slot None) writes slots [0, T); a decode step (T = 1) writes `slot`,
-        # a 0-dim tensor, and reads all S slots, masked. mask None means causal attention over this call's keys.
+        # kv_cache (keys, values), each (B, Hkv, S, D): a prefill (slot None) writes slots [0, T); a decode step
+        # (T = 1) writes `slot`, a 0-dim tensor, and reads all S slots, masked. mask None: causal over this call's keys.
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None and slot is None:
-            kv_cache[0, :, :, :T], kv_cache[1, :, :, :T] = k, v
+            kv_cache[0][:, :, :T], kv_cache[1][:, :, :T] = k, v
         elif kv_cache is not None:
             kv_cache[0].index_copy_(2, slot.view(1), k)  # a tensor index: the same graph for every slot
             kv_cache[1].index_copy_(2, slot.view(1), v)
-            k, v = kv_cache[0], kv_cache[1]  # (B, Hkv, S, D)
+            k, v = kv_cache  # (B, Hkv, S, D)
         n_rep = self.n_head // self.n_kv_head
         if T == 1:  # decoding: fold the query heads onto their shared K/V head instead of repeating K/V
             q = q.reshape(B, self.n_kv_head, n_rep, self.head_dim)  # (B, Hkv, n_rep, D)
@@ -218,7 +218,8 @@ class Qwen2Model(nn.Module):
 @dataclass
 class DecodeState:
     """What decoding carries from one token to the next. S = prompt length + max_new_tokens, fixed for the call."""
-    cache: torch.Tensor  # (L, 2, B, Hkv, S, D): every layer's keys and values
+    cache: list  # per layer (keys, values), each (B, Hkv, S, D). Separate tensors: a compiled step writes its slot
+    # in place, where slices of one (L, 2, ...) tensor would make torch.compile copy all of it at every layer
     real: torch.Tensor  # (B, S) bool: the slots that hold a real token (left padding and future slots do not)
     slot: torch.Tensor | None  # () long: the slot of the next token fed; None until the prefill
     pos: torch.Tensor  # (B,) long: its RoPE position
@@ -349,9 +350,10 @@ class Qwen2(nn.Module):
         pos = position_ids(input_ids, attention_mask)  # (B, T)
         real = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
         dtype = self.model.embed_tokens.weight.dtype
-        cache = torch.zeros(cfg.num_hidden_layers, 2, B, cfg.num_key_value_heads, T + max_new_tokens,
-                            cfg.hidden_size // cfg.num_attention_heads, dtype=dtype, device=dev)  # zeros: 0 * an
-        # empty slot's garbage could be NaN
+        shape = (B, cfg.num_key_value_heads, T + max_new_tokens, cfg.hidden_size // cfg.num_attention_heads)
+        # zeros, not empty: 0 * an empty slot's garbage could be NaN
+        cache = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
+                 for _ in range(cfg.num_hidden_layers)]
         state = DecodeState(cache, F.pad(real, (0, max_new_tokens), value=False), None, pos[:, -1] + 1)
         logits = self(input_ids, attention_mask, state=state)
         state.slot = torch.tensor(T, device=dev)

@@ -121,6 +121,21 @@ def _model_compare(name, fns, reps, sync, goals):
     return ratios
 
 
+def _matmul_share(fn):
+    """The share of fn's time spent inside matmul kernels (torch.profiler, CPU): the part that compiling leaves as it
+    is, since inductor calls the same matmul kernels and fuses only what lies between them."""
+    with torch.profiler.profile() as prof:
+        fn()
+    events = prof.key_averages()
+    matmuls = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    return matmuls / sum(e.self_cpu_time_total for e in events)
+
+
+def _print_matmul_shares(fns):
+    shares = ", ".join(f"{k} {_matmul_share(fn):.0%}" for k, fn in fns.items())
+    print(f"    time in matmul kernels (torch.profiler): {shares}")
+
+
 def _model_run(cfg, dtype, device, train_shape, reps):
     ours, hf = _model_pair(cfg, dtype, device)
     compiled = copy.deepcopy(ours).compile_blocks()
@@ -151,6 +166,8 @@ def _model_run(cfg, dtype, device, train_shape, reps):
     diff = (compiled(ids, mask) - ours(ids, mask)).abs().max().item()  # with grad, as trained: no new graph
     r_train = _model_compare(f"forward+backward ({B}x{T}, cross-entropy on real tokens)", steps, reps, sync,
                              {"ours eager": 1.0, "ours compiled": 0.8})
+    if device == "cpu":
+        _print_matmul_shares(steps)
 
     # greedy generation: batch 4, left-padded 32-token prompts, 48 new tokens, no early stop
     for m in (ours, compiled, hf):
@@ -166,6 +183,8 @@ def _model_run(cfg, dtype, device, train_shape, reps):
     out = {k: fn()[:, T:] for k, fn in gens.items()}  # and the warm-up
     r_gen = _model_compare(f"generate ({B}x{T} -> +{N} tokens, greedy)", gens, reps, sync,
                            {"ours eager": 0.8, "ours compiled": 0.5})
+    if device == "cpu":
+        _print_matmul_shares(gens)
 
     agree = (out["ours eager"] == out["transformers"]).float().mean().item()
     same = torch.equal(out["ours compiled"], out["ours eager"])

@@ -108,9 +108,9 @@ def get_args(argv=None):
     g.add_argument("--log-every", type=int, default=10, help="log every N steps")
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each block (after --grad-ckpt, before FSDP, as torchtitan does). Measured on one "
-                        "CPU thread, fp32, small model: a training step 6%% faster than eager, after 30-50 s of "
-                        "compiling, so off by default; not yet measured on a GPU")
+                   help="torch.compile each block (after --grad-ckpt, before FSDP, as torchtitan does). Measured on "
+                        "one CPU thread, fp32, small model: a training step 2%% slower to 6%% faster than eager over "
+                        "six runs, after 15-22 s of compiling, so off by default; not yet measured on a GPU")
     g.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak for MFU (H100 SXM: 989)")
     return p.parse_args(argv)

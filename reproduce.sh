@@ -4,10 +4,10 @@
 # check, and Delta-KD on the student's own samples as an extension), ROUGE on held-out data.
 #
 #   bash reproduce.sh [toy] [--quick]   offline on a CPU: toy tokenizer, data and models, pre-trained here (default)
-#   bash reproduce.sh study [--quick]   the toy with raw models pre-trained 4 times longer, then every
-#                                       student method over SEEDS seeds (default 5; 2 with --quick) and Delta-KD's
-#                                       alpha at 0.25, 0.5 and 0.75: mean ± sd over the seeds and each method's paired
-#                                       difference from FKL, in runs/toy-study
+#   bash reproduce.sh study [--quick]   the toy with raw models pre-trained 4 times longer, until their corpus loss
+#                                       levels off, then every student method over SEEDS seeds (default 5; 2 with
+#                                       --quick) and Delta-KD's alpha at 0.25, 0.5 and 0.75: mean ± sd over the seeds
+#                                       and each method's paired difference from FKL, in runs/toy-study
 #       JOBS (default: the CPU count): steps that need only finished ones run side by side, one CPU thread each.
 #   bash reproduce.sh paper             Qwen2.5-7B -> Qwen2.5-1.5B on UltraChat-200k, through torchrun
 #       NPROC=8 (processes per node), NNODES=1; on several nodes also NODE_RANK, MASTER_ADDR, MASTER_PORT.
@@ -138,7 +138,8 @@ if [[ $MODE == toy ]]; then
     N_TRAIN=4000 N_TEST=200 PRETRAIN_STEPS=${PRETRAIN_STEPS:-600} PRETRAIN_BATCH=32 STEPS=${STEPS:-120}
     TEACHER_STEPS=${STEPS:-120} BATCH=12 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3
   fi
-  STUDENT_PRETRAIN_STEPS=$((3 * PRETRAIN_STEPS)) N_CORPUS=$((3 * PRETRAIN_STEPS * PRETRAIN_BATCH))
+  STUDENT_PRETRAIN_STEPS=$((3 * PRETRAIN_STEPS))
+  N_CORPUS=$((STUDENT_PRETRAIN_STEPS * PRETRAIN_BATCH))  # the student reads it once, the teacher its first third
   JOBS=${JOBS:-$(nproc)}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   EVAL_EXAMPLES=${EVAL_EXAMPLES:-$N_TEST}

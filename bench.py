@@ -32,6 +32,62 @@ from model import Qwen2, Qwen2Config
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# host syncs: the ops that make a GPU's host wait for the device
+
+# aten ops whose result (or output shape) depends on tensor data, so that on a GPU the host must wait for every queued
+# kernel before it can go on. Under a TorchDispatchMode they are seen on any device, so they are counted on the CPU.
+_SYNC_OPS = {"aten._local_scalar_dense": ".item() / bool() / int() / float()", "aten.is_nonzero": "bool()",
+             "aten.nonzero": "nonzero", "aten.masked_select": "masked_select", "aten._unique2": "unique",
+             "aten.unique_consecutive": "unique_consecutive", "aten.equal": "torch.equal"}
+# These never reach the dispatcher on a CPU tensor (they read its memory directly), so they are counted at the method.
+_SYNC_METHODS = ("tolist", "cpu", "numpy")
+
+
+class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts, by kind, the data-dependent ops run inside `with HostSyncs() as syncs:`: each one would stop a GPU's
+    queue (the host waits for the device), whatever the device they run on here. Boolean-mask indexing (x[mask],
+    x[mask] = v) and repeat_interleave without output_size count too; their output shape depends on the data.
+    .tolist(), .cpu() and .numpy() count on any tensor, a host one too: the hot path should not need them.
+    Uses torch.utils._python_dispatch.TorchDispatchMode, a private but long-stable torch API."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def _count(self, kind):
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        if name in _SYNC_OPS:
+            self._count(_SYNC_OPS[name])
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+            self._count("boolean-mask indexing")
+        elif name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is None and len(args) < 3:
+            self._count("repeat_interleave")
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._saved = {m: getattr(torch.Tensor, m) for m in _SYNC_METHODS}
+        for m, original in self._saved.items():
+            def counted(tensor, *a, _m=m, _original=original, **k):
+                self._count(f".{_m}()")
+                return _original(tensor, *a, **k)
+            setattr(torch.Tensor, m, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for m, original in self._saved.items():
+            setattr(torch.Tensor, m, original)
+        return super().__exit__(*exc)
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # data: padding and idle ranks, data.Batches vs the old layout
 
 def _data_old_layout(lengths, indices, mbs, rank, world):

@@ -44,6 +44,31 @@ REPO = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# bench.py's host-sync counter: the instrument that the step and decoding tests count with
+
+def test_host_sync_counter_sees_every_data_dependent_op():
+    from bench import HostSyncs
+    x = torch.arange(6.0).view(2, 3)
+    mask = x > 2
+    syncing = {".item() / bool() / int() / float()": [lambda: x.sum().item(), lambda: bool((x > 0).all()),
+                                                      lambda: x[:, torch.tensor(1)].fill_(5.0) if x.sum() else 0],
+               ".tolist()": [lambda: x.tolist()], ".cpu()": [lambda: x.cpu()], ".numpy()": [lambda: x.numpy()],
+               "nonzero": [lambda: mask.nonzero()],
+               "boolean-mask indexing": [lambda: x[mask], lambda: x.__setitem__(mask, 0.0)],
+               "repeat_interleave": [lambda: torch.repeat_interleave(torch.tensor([1, 2]))]}
+    for kind, fns in syncing.items():
+        for fn in fns:
+            with HostSyncs() as syncs:
+                fn()
+            assert kind in syncs.counts and syncs.total >= 1, (kind, syncs.counts)
+    with HostSyncs() as syncs:  # what a sync-free step does instead
+        (x * 2).argmax(-1), x[torch.tensor([0, 1])], x.masked_fill(mask, 0.0), x.where(mask, 1.0)
+        torch.repeat_interleave(torch.tensor([1, 2]), output_size=3)
+    assert syncs.counts == {}
+    assert torch.Tensor.tolist is torch._C.TensorBase.tolist  # restored on exit
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # deltakd.py: the loss, against float64 formulas
 
 def _loss_reference(s, labels, t, t_raw, s_raw, alpha, T, lam, divergence="fkl", vocab=None):

@@ -141,15 +141,16 @@ def check_args(args, world_size):
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=False, compile=False):
+def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=False, compile=None):
     """Meta device -> activation checkpointing -> compile -> fully_shard each block, then the root -> to_empty ->
-    weights, tensor by tensor (load_weights, after this)."""
+    weights, tensor by tensor (load_weights, after this). compile: None, or the torch.compile backend of the blocks
+    ("inductor" for --compile)."""
     with torch.device("meta"):
         model = Qwen2(Qwen2Config.from_json(model_dir)).to(storage_dtype)
     for block in model.model.layers:
         block.gradient_checkpointing = grad_ckpt
     if compile:
-        model.compile_blocks()
+        model.compile_blocks(compile)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
@@ -325,14 +326,14 @@ def main(argv=None):
         dirs["model"] = out / "init"
 
     # --- models: the student trains in fp32 master weights; the frozen ones are stored in the compute dtype
-    student = build(dirs["model"], mesh, compute_dtype, torch.float32, True, args.grad_ckpt, args.compile)
+    backend = "inductor" if args.compile else None
+    student = build(dirs["model"], mesh, compute_dtype, torch.float32, True, args.grad_ckpt, backend)
     frozen = {}
     if args.loss != "sft":
-        frozen["teacher"] = build(dirs["teacher"], mesh, compute_dtype, compute_dtype, False, compile=args.compile)
+        frozen["teacher"] = build(dirs["teacher"], mesh, compute_dtype, compute_dtype, False, compile=backend)
     if args.loss == "deltakd" and args.alpha != 0:
-        frozen["teacher_raw"] = build(dirs["teacher_raw"], mesh, compute_dtype, compute_dtype, False,
-                                      compile=args.compile)
-        frozen["student_raw"] = build(dirs["model"], mesh, compute_dtype, compute_dtype, False, compile=args.compile)
+        frozen["teacher_raw"] = build(dirs["teacher_raw"], mesh, compute_dtype, compute_dtype, False, compile=backend)
+        frozen["student_raw"] = build(dirs["model"], mesh, compute_dtype, compute_dtype, False, compile=backend)
     for m in frozen.values():
         load_weights(m, m.name_or_path)
     decay = [p for p in student.parameters() if p.ndim >= 2]  # no weight decay on biases and norms

@@ -586,7 +586,7 @@ def _local(t):
 class _WorstCase(torch.utils._python_dispatch.TorchDispatchMode):
     """Answers, under fake tensors, the data-dependent ops of a step, whose values fake tensors do not have, as for the
     worst case: every mask all True (every position supervised), every check passing, and a loss backpropagated by a
-    plain .backward() (an incoming gradient of 1). Anything else fails naming the op."""
+    plain .backward() (an incoming gradient of 1). A value it has no answer for fails naming the op."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -595,6 +595,8 @@ class _WorstCase(torch.utils._python_dispatch.TorchDispatchMode):
         aten = torch.ops.aten
         if func is aten.nonzero.default:
             return args[0].new_empty((args[0].numel(), args[0].dim()), dtype=torch.long)
+        if func is aten._pin_memory.default:  # fake tensors cannot pin; a pinned host copy takes no GPU memory
+            return args[0]
         if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
             indices = []
@@ -870,7 +872,7 @@ def bench_memory(argv=()):
 # ---------------------------------------------------------------------------------------------------------------------
 # gpu: what to measure when a GPU is lent
 
-# a Qwen2.5-0.5B-shaped student distilled from 1.5B-shaped teachers, random weights: no download
+# a Qwen2.5-0.5B-shaped student distilled from 1.5B-shaped teachers, weights left uninitialised: nothing to download
 GPU_RUN = ["--model", "Qwen/Qwen2.5-0.5B", "--teacher", "Qwen/Qwen2.5-1.5B", "--teacher-raw", "Qwen/Qwen2.5-1.5B",
            "--loss", "deltakd", "--micro-batch-size", "4", "--max-len", "1024", "--dtype", "bf16"]
 

@@ -7,9 +7,16 @@ present, the GPU cases run too.
     python bench.py rouge    our ROUGE vs rouge-score on 6,000 pairs with stemming: time, identical values
     python bench.py train    train.py tokens/s, on-policy runs' generation speed (CPU: tiny models; GPU: Qwen2.5-0.5B-
                              shaped student, 1.5B-shaped teachers)
+    python bench.py memory   the per-GPU peak of a train.py step, from fake tensors: the paper's runs, or train.py's
+                             arguments with --world-size (--json: {"peak_gib": ...}; --real: measured, under torchrun)
+    python bench.py gpu      on one GPU: a Delta-KD step's tokens/s, MFU, host syncs and peak memory, eager and
+                             compiled, beside the memory estimate (--dry-run: the estimate alone); not among "all"
 """
 import argparse
+import collections
+import contextlib
 import copy
+import gc
 import json
 import os
 import random
@@ -18,17 +25,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+import weakref
 from pathlib import Path
 from unittest import mock
 
+import huggingface_hub
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
 import evaluate
+import train
 from deltakd import _CHUNK_BYTES, delta_kd_loss
-from model import Qwen2, Qwen2Config
+from model import Qwen2, Qwen2Config, rope_inv_freq
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -507,7 +518,7 @@ def bench_train():
               "together); gen share: generation's share of step time")
         if cuda:
             print("  MFU: (6 x student + 2 x frozen parameters) FLOPs per token x tokens/s / --peak-tflops; peak "
-                  "memory: torch.cuda.max_memory_allocated")
+                  "memory: torch.cuda.max_memory_allocated (max_memory_reserved)")
         runs = [("sft", "sft", []), ("deltakd", "deltakd", [])]
         runs += [("deltakd --compile", "deltakd", ["--compile"])] if cuda else []
         runs += [("deltakd --on-policy 0.5", "deltakd", ["--on-policy", "0.5", "--max-new-tokens", str(new_tokens)]),
@@ -526,14 +537,418 @@ def bench_train():
                         f"   gen share {median(lambda r: r['gen_share']):4.0%}"
             if cuda:
                 line += f"   MFU {median(lambda r: r['mfu']):5.1%}   peak memory " \
-                        f"{max(r['peak_mem_gib'] for r in records):5.1f} GiB"
+                        f"{max(r['peak_mem_gib'] for r in records):5.1f} GiB (reserved " \
+                        f"{max(r['peak_reserved_gib'] for r in records):5.1f})"
             print(line)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# memory: the per-GPU peak of a train.py step, from fake tensors
+
+# Qwen2.5's config.json files as the Hub has them, for Hub ids that are not in the local cache: estimates run offline
+QWEN25 = {f"Qwen/Qwen2.5-{size}": Qwen2Config(
+    vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+    num_key_value_heads=kv, tie_word_embeddings=tied, rope_theta=1e6, bos_token_id=151643, eos_token_id=151643)
+    for size, (hidden, inter, layers, heads, kv, vocab, tied) in {
+        "0.5B": (896, 4864, 24, 14, 2, 151936, True), "1.5B": (1536, 8960, 28, 12, 2, 151936, True),
+        "7B": (3584, 18944, 28, 28, 4, 152064, False)}.items()}
+# The paper's runs (reproduce.sh paper, UltraChat): the teacher's SFT, each student method, and two variations
+_PAPER = ["--max-len", "2048", "--micro-batch-size", "2", "--grad-ckpt"]
+_TEACHERS = ["--teacher", "Qwen/Qwen2.5-7B", "--teacher-raw", "Qwen/Qwen2.5-7B"]
+MEMORY_RUNS = {
+    "teacher SFT (7B)": ["--model", "Qwen/Qwen2.5-7B", "--loss", "sft", *_PAPER],
+    "teacher SFT, no --grad-ckpt": ["--model", "Qwen/Qwen2.5-7B", "--loss", "sft", *_PAPER[:4]],
+    **{f"student {loss} (1.5B)": ["--model", "Qwen/Qwen2.5-1.5B", "--loss", loss, *_TEACHERS, *_PAPER]
+       for loss in ("sft", "fkl", "rkl", "deltakd")},
+    "deltakd, --micro-batch-size 8": ["--model", "Qwen/Qwen2.5-1.5B", "--loss", "deltakd", *_TEACHERS, *_PAPER[:2],
+                                      "--micro-batch-size", "8", "--grad-ckpt"],
+    "deltakd, no --grad-ckpt": ["--model", "Qwen/Qwen2.5-1.5B", "--loss", "deltakd", *_TEACHERS, *_PAPER[:4]],
+}
+
+
+def _private_torch():
+    """The private torch APIs that the estimate needs, or one line saying which one this torch lacks."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        collectives = (torch.ops.c10d._allgather_base_.default, torch.ops.c10d._reduce_scatter_base_.default)
+        return FakeTensorMode, FakeStore, collectives, torch._C._current_graph_task_id
+    except (ImportError, AttributeError) as e:
+        sys.exit(f"error: bench.py memory needs private torch APIs (FakeTensorMode, the fake process group, c10d's "
+                 f"_allgather_base_ and _reduce_scatter_base_, _current_graph_task_id) that torch {torch.__version__} "
+                 f"lacks: {e}")
+
+
+def _local(t):
+    return t.to_local() if isinstance(t, torch.distributed.tensor.DTensor) else t
+
+
+class _WorstCase(torch.utils._python_dispatch.TorchDispatchMode):
+    """Answers, under fake tensors, the data-dependent ops of a step, whose values fake tensors do not have, as for the
+    worst case: every mask all True (every position supervised), every check passing, and a loss backpropagated by a
+    plain .backward() (an incoming gradient of 1). A value it has no answer for fails naming the op."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(issubclass(t, torch.distributed.tensor.DTensor) for t in types):
+            return NotImplemented  # DTensor runs first and comes back with its local tensors
+        aten = torch.ops.aten
+        if func is aten.nonzero.default:
+            return args[0].new_empty((args[0].numel(), args[0].dim()), dtype=torch.long)
+        if func is aten._pin_memory.default:  # fake tensors cannot pin; a pinned host copy takes no GPU memory
+            return args[0]
+        if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            indices = []
+            for i in args[1]:  # an all-True mask of k dims selects every position: k flat integer indices
+                if isinstance(i, torch.Tensor) and i.dtype == torch.bool:
+                    for d, n in enumerate(i.shape):
+                        shape = [1] * i.dim()
+                        shape[d] = n
+                        indices.append(torch.arange(n, device=i.device).view(shape).expand(i.shape).reshape(-1))
+                else:
+                    indices.append(i)
+            return func(args[0], indices, *args[2:], **kwargs)
+        if func in (aten._local_scalar_dense.default, aten.is_nonzero.default):
+            if args[0].dtype == torch.bool:
+                return True
+            if args[0].is_floating_point():
+                return 1.0
+            raise RuntimeError(f"bench.py memory: the step reads {func} of a {args[0].dtype} tensor, whose value fake "
+                               "tensors do not have; give _WorstCase its worst-case answer")
+        return func(*args, **kwargs)
+
+
+class PeakMemory(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bytes of the live tensor storages on this rank, by kind, and their peak: what a GPU's caching allocator
+    counts as allocated (up to its 512-byte rounding). Parameters: every model's shards, and the blocks FSDP gathers
+    (the storages it resizes, and its all-gather buffers); gradients: FSDP's reduce-scatter buffers, of which the
+    sharded gradients are views; optimizer state; activations: all else (activations, logits, the loss's chunks, a
+    block's unsharded gradients until FSDP reduces them). `where` says where in the step the peak fell."""
+    KINDS = ("parameters", "gradients", "optimizer state", "activations")
+
+    def __init__(self, models, optimizer):
+        super().__init__()
+        _, _, (self._all_gather, self._reduce_scatter), self._graph_task = _private_torch()
+        self.live = {}  # id(storage) -> [bytes, kind]
+        self.now = dict.fromkeys(self.KINDS, 0)
+        self.peak, self.where = dict(self.now), ""
+        for p in (p for m in models.values() for p in m.parameters()):
+            self._add(_local(p).untyped_storage(), "parameters")
+        for t in (t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)):
+            self._add(_local(t).untyped_storage(), "optimizer state")
+        # where: the innermost model part running forward (a block recomputes its forward in backward under
+        # --grad-ckpt), the micro-batch (each runs every model once), and the optimizer step
+        self.names = {id(m): name for name, m in models.items()}
+        self.names.update({id(b): f"{name} block {i}" for name, m in models.items()
+                           for i, b in enumerate(m.model.layers)})
+        self.names.update({id(m.lm_head): f"{name} lm_head" for name, m in models.items()})
+        self.roots, self.model_calls, self.running, self.optimizing = {id(m) for m in models.values()}, 0, [], False
+        self.optimizer = optimizer
+
+    def _add(self, storage, kind):
+        if id(storage) not in self.live:
+            self.live[id(storage)] = [storage.nbytes(), kind]
+            self.now[kind] += storage.nbytes()
+            weakref.finalize(storage, self._free, id(storage))
+
+    def _free(self, key):
+        size, kind = self.live.pop(key)
+        self.now[kind] -= size
+
+    def _retag(self, tensor, kind):
+        self._add(tensor.untyped_storage(), kind)
+        entry = self.live[id(tensor.untyped_storage())]
+        self.now[entry[1]] -= entry[0]
+        self.now[kind] += entry[0]
+        entry[1] = kind
+
+    def _update(self):
+        if sum(self.now.values()) > sum(self.peak.values()):
+            self.peak = dict(self.now)
+            inner = next((self.names[i] for i in reversed(self.running) if i in self.names), None)
+            if self.optimizing:
+                self.where = "the optimizer step"
+            elif self._graph_task() != -1:
+                self.where = "the backward" + (f", {inner} recomputing its forward" if inner else "")
+            else:
+                self.where = f"{inner} forward" if inner else "the loss"
+            self.where += f" (micro-batch {-(-self.model_calls // len(self.roots))})"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, torch.distributed.tensor.DTensor) for t in types):
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        if func is self._all_gather:
+            self._retag(args[0], "parameters")
+        elif func is self._reduce_scatter:
+            self._retag(args[0], "gradients")
+            self._retag(args[1], "gradients")
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t.untyped_storage(), "activations")
+        self._update()
+        return out
+
+    def __enter__(self):
+        resize = self._resize = torch.UntypedStorage.resize_
+
+        def resize_(storage, size):  # FSDP gathers a block into storages it resizes, bypassing the dispatcher
+            resize(storage, size)
+            self._add(storage, "parameters")
+            entry = self.live[id(storage)]
+            self.now[entry[1]] += storage.nbytes() - entry[0]
+            entry[0] = storage.nbytes()
+            self._update()
+        torch.UntypedStorage.resize_ = resize_
+
+        def enter(module, *_):
+            self.running.append(id(module))
+            self.model_calls += id(module) in self.roots and self._graph_task() == -1
+
+        def leave(*_):
+            self.running.pop()
+
+        def optimizing(*_):
+            self.optimizing = True
+        self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+                       torch.nn.modules.module.register_module_forward_hook(leave),
+                       self.optimizer.register_step_pre_hook(optimizing)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        for hook in self._hooks:
+            hook.remove()
+        return super().__exit__(*exc)
+
+    def report(self):
+        gib = {kind.split()[0] + "_gib": size / 2**30 for kind, size in self.peak.items()}
+        return {"peak_gib": sum(self.peak.values()) / 2**30, **gib, "where": self.where}
+
+
+def _memory_model_dir(name, tmp):
+    """A folder with name's config.json: the folder itself, the local Hub cache's copy, or a built-in config."""
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    cached = huggingface_hub.try_to_load_from_cache(name, "config.json") if name.count("/") == 1 else None
+    if isinstance(cached, str):
+        return Path(cached).parent
+    if name not in QWEN25:
+        sys.exit(f"error: {name} is not a model folder, nor in the local Hub cache, nor one of the built-in configs "
+                 f"({', '.join(QWEN25)})")
+    folder = tmp / name.replace("/", "--")
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(QWEN25[name].to_dict()))
+    return folder
+
+
+@contextlib.contextmanager
+def _train_step(args, world, device, fake):
+    """One step of train.py's token-level loss, as step(micro_batches), with its models {"student", ...} and optimizer,
+    built by train.build_models and train.make_optimizer over the process group already made and run by
+    train.kd_backward, unchanged: each micro-batch --micro-batch-size x --max-len tokens, every position supervised
+    (the worst case). With fake=True, on fake tensors (every shape as on rank 0 of `world`, nothing computed); on
+    real ones, the weights are left uninitialised: no value changes what is allocated or what a kernel does. On the
+    CPU the loss's chunks are sized as on a GPU."""
+    FakeTensorMode = _private_torch()[0]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        dirs = {k: _memory_model_dir(getattr(args, k), Path(tmp)) for k in ("model", "teacher", "teacher_raw")
+                if getattr(args, k)}
+        vocab_size = min(Qwen2Config.from_json(d).vocab_size for d in dirs.values())  # as delta_kd_loss's default
+        mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world,))
+        if fake:  # model.py caches the RoPE frequencies per device: no fake tensor may outlive its mode there
+            rope_inv_freq.cache_clear()
+            stack.callback(rope_inv_freq.cache_clear)
+            stack.enter_context(FakeTensorMode())
+            stack.enter_context(_WorstCase())
+        if device.type == "cpu":
+            stack.enter_context(mock.patch.dict(_CHUNK_BYTES, cpu=_CHUNK_BYTES["other"]))
+        compute_dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+        student, frozen = train.build_models(dirs, args, mesh, compute_dtype)
+        models = {"student": student, **frozen}
+        optimizer = train.make_optimizer(student, args, fused=True)
+        B, T = args.micro_batch_size, args.max_len
+        batch = {"input_ids": torch.zeros(B, T, dtype=torch.long), "labels": torch.zeros(B, T, dtype=torch.long),
+                 "attention_mask": torch.ones(B, T, dtype=torch.long)}
+
+        def step(micro_batches):
+            train.kd_backward(student, frozen, [batch] * micro_batches, train.loss_settings(args), vocab_size, device,
+                              world)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        yield step, models, optimizer
+
+
+def memory_of_step(args, world, device, fake=True):
+    """The peak of one steady train.py step on rank 0 (_train_step): AdamW's state already made, two micro-batches,
+    then the clip and the optimizer step. PeakMemory's report."""
+    with _train_step(args, world, device, fake) as (step, models, optimizer):
+        step(1)  # untracked: AdamW's state appears, and fused AdamW's first step allocates once more
+        with PeakMemory(models, optimizer) as tracker:
+            step(2)  # the second micro-batch runs with the first one's gradients held, as every later one does
+    return tracker.report()
+
+
+def _allocator_peak(run, device):
+    """(run(), the peak of the bytes that the allocator handed out during it, in GiB). On CUDA, the caching
+    allocator's max_memory_allocated. On the CPU, torch.profiler's memory events (each allocation and free that the
+    allocator reports, kineto_results: a private API), summed in order."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return run(), torch.cuda.max_memory_allocated(device) / 2**30
+    with torch.profiler.profile(profile_memory=True) as prof:
+        result = run()
+    now = peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        now += event.nbytes()
+        peak = max(peak, now)
+    return result, peak / 2**30
+
+
+def _memory_args(argv):
+    p = argparse.ArgumentParser(prog="bench.py memory", description="The per-GPU peak of a train.py step, estimated "
+                                "on the CPU with fake tensors. Takes train.py's arguments (--model, --teacher, "
+                                "--teacher-raw, --loss, --micro-batch-size, --max-len, --grad-ckpt, --dtype, ...; "
+                                "Hub ids of Qwen2.5 0.5B, 1.5B, 7B not in the local cache use built-in configs); "
+                                "without them, the paper's runs.")
+    p.add_argument("--world-size", type=int, default=8, help="processes (GPUs) that FSDP shards over")
+    p.add_argument("--json", action="store_true", help="print one JSON object with peak_gib")
+    p.add_argument("--real", action="store_true", help="measure real tensors instead, on this torchrun world")
+    mine, rest = p.parse_known_args(argv)
+    if not rest:
+        return mine, None
+    args = train.get_args(rest + ["--data", "(unused)", "--out", "(unused)"])
+    train.check_args(args, mine.world_size)
+    if args.loss == "minillm" or args.on_policy:
+        sys.exit("error: bench.py memory estimates the token-level steps (sft, fkl, rkl, deltakd); MiniLLM's and "
+                 "--on-policy's rollouts hold the gathered models and their KV caches (README, Memory)")
+    args.dtype = args.dtype or "bf16"  # the GPU's default
+    return mine, args
+
+
+def bench_memory(argv=()):
+    mine, args = _memory_args(list(argv))
+    FakeTensorMode, FakeStore, _, _ = _private_torch()
+    if mine.real:  # under torchrun: this world's real tensors, counted alike, and the allocator's own peak
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        report, report["allocator_peak_gib"] = _allocator_peak(
+            lambda: memory_of_step(args, torch.distributed.get_world_size(), device, fake=False), device)
+        if torch.distributed.get_rank() == 0:
+            print(json.dumps(report) if mine.json else report)
+        torch.distributed.destroy_process_group()
+        return report
+    runs = {"": args} if args else {name: _memory_args(["--world-size", str(mine.world_size), *run])[1]
+                                    for name, run in MEMORY_RUNS.items()}
+    if not mine.json:
+        print(f"per-GPU peak of one train.py step, rank 0 of {mine.world_size}, estimated with fake tensors (torch "
+              f"{torch.__version__}): the live tensors' bytes, what torch.cuda.max_memory_allocated would report; "
+              "not counted: the CUDA context (about 0.5-1 GiB), NCCL's buffers, and the caching allocator's cached "
+              "blocks and fragmentation (max_memory_reserved minus max_memory_allocated)")
+    reports = {}
+    for name, run in runs.items():
+        torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=mine.world_size)
+        try:
+            reports[name] = r = memory_of_step(run, mine.world_size, torch.device("cpu"))
+        finally:
+            torch.distributed.destroy_process_group()
+        if mine.json:
+            continue
+        print(f"  {name or ' '.join(argv)}")
+        print(f"    peak {r['peak_gib']:6.2f} GiB = parameters {r['parameters_gib']:.2f} + gradients "
+              f"{r['gradients_gib']:.2f} + optimizer state {r['optimizer_gib']:.2f} + activations "
+              f"{r['activations_gib']:.2f}; at {r['where']}")
+    if mine.json:
+        print(json.dumps(reports[""] if args else reports))
+    return reports
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gpu: what to measure when a GPU is lent
+
+# a Qwen2.5-0.5B-shaped student distilled from 1.5B-shaped teachers, weights left uninitialised: nothing to download
+GPU_RUN = ["--model", "Qwen/Qwen2.5-0.5B", "--teacher", "Qwen/Qwen2.5-1.5B", "--teacher-raw", "Qwen/Qwen2.5-1.5B",
+           "--loss", "deltakd", "--micro-batch-size", "4", "--max-len", "1024", "--dtype", "bf16"]
+
+
+def bench_gpu(argv=()):
+    p = argparse.ArgumentParser(prog="bench.py gpu", description="On one GPU, in under 10 minutes: train.py's Delta-KD "
+                                "step (" + " ".join(GPU_RUN) + ", two micro-batches a step), eager and --compile: "
+                                "tokens/s, MFU, the host syncs that torch.cuda.set_sync_debug_mode reports, and the "
+                                "peak memory beside bench.py memory's estimate.")
+    p.add_argument("--dry-run", action="store_true", help="the estimate only, on the CPU (what runs without a GPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps of each variant")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100, H200 SXM: 989)")
+    opts = p.parse_args(argv)
+    _, args = _memory_args(["--world-size", "1", *GPU_RUN])
+    _, FakeStore, _, _ = _private_torch()
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    try:
+        estimate = memory_of_step(args, 1, torch.device("cpu"))
+    finally:
+        torch.distributed.destroy_process_group()
+    print(f"{' '.join(GPU_RUN)}, one process, two micro-batches a step\n  bench.py memory's estimate: peak "
+          f"{estimate['peak_gib']:.2f} GiB, at {estimate['where']}")
+    if opts.dry_run or not torch.cuda.is_available():
+        return print("  (no GPU: nothing measured)")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl", store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                         device_id=device)
+    print(f"  {torch.cuda.get_device_name()}, torch {torch.__version__}; MFU: (6 x student + 2 x frozen parameters) "
+          f"FLOPs per token x tokens/s / {opts.peak_tflops:g} TFLOPs")
+    try:
+        for compiled in (False, True):
+            args.compile = compiled
+            _gpu_variant(args, device, opts, estimate)
+            gc.collect()  # the variant's models are gone: give their memory back before the next one's
+            torch.cuda.empty_cache()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _gpu_variant(args, device, opts, estimate):
+    with _train_step(args, 1, device, fake=False) as (step, models, _):
+        start = time.perf_counter()
+        step(2)  # compiles, with --compile
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        step(2)
+        seconds = _model_timed(lambda: [step(2) for _ in range(opts.steps)], torch.cuda.synchronize)
+        tokens_per_s = 2 * args.micro_batch_size * args.max_len * opts.steps / seconds
+        flops = train.model_flops_per_token({k: sum(p.numel() for p in m.parameters()) for k, m in models.items()})
+        torch.cuda.set_sync_debug_mode("warn")  # a warning at each call that makes the host wait for the GPU
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(2)
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.reset_peak_memory_stats()
+        step(2)
+        torch.cuda.synchronize()
+    syncs = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"  {'--compile' if args.compile else 'eager':9s}  {tokens_per_s:8.0f} tokens/s   MFU "
+          f"{flops * tokens_per_s / (opts.peak_tflops * 1e12):5.1%}   first step {first:5.1f} s   peak "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated "
+          f"({torch.cuda.max_memory_reserved() / 2**30:.2f} reserved) vs {estimate['peak_gib']:.2f} estimated\n"
+          f"    host syncs in a step: {sum(syncs.values())} "
+          f"({', '.join(f'{k} x{n}' for k, n in syncs.most_common()) or 'none'})")
+
+
 def main():
-    benches = {"data": bench_data, "model": bench_model, "loss": bench_loss, "rouge": bench_rouge, "train": bench_train}
+    benches = {"data": bench_data, "model": bench_model, "loss": bench_loss, "rouge": bench_rouge, "train": bench_train,
+               "memory": bench_memory}
     if sys.argv[1:2] == ["loss-worker"]:  # bench_loss runs each variant in a fresh process
         return loss_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    if sys.argv[1:2] == ["memory"]:  # takes train.py's arguments
+        return bench_memory(sys.argv[2:])
+    if sys.argv[1:2] == ["gpu"]:  # its own arguments, and not among "all"
+        return bench_gpu(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("which", nargs="*", choices=[[], *benches], default=list(benches),
                         help="benchmarks to run (default: all)")

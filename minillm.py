@@ -86,9 +86,11 @@ def gathered(*models):
     try:
         yield
     finally:
-        blocks = {id(b) for model in models for b in model.model.layers}
-        for m in units:  # back to train.py's settings: blocks reshard after forward, a trained root (train mode) not
-            m.set_reshard_after_forward(id(m) in blocks or not m.training, recurse=False)
+        # back to train.build's settings: blocks and an embedding unit reshard after forward; the other units of a
+        # trained model (in train mode) do not
+        resharded = {id(m) for model in models for m in [*model.model.layers, model.model.embed_tokens]}
+        for m in units:
+            m.set_reshard_after_forward(id(m) in resharded or not m.training, recurse=False)
             m.reshard()
 
 

@@ -6,7 +6,9 @@ SwiGLU, tied embeddings), and its modules carry the checkpoint's tensor names, s
 References: Qwen2 Technical Report (arXiv:2407.10671); RoFormer (arXiv:2104.09864); GQA (arXiv:2305.13245);
 transformers/models/qwen2/modeling_qwen2.py; nanoGPT and gpt-fast for the shape of the code.
 """
+import contextlib
 import functools
+import inspect
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, Shard
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 # copied next to the weights on save, and fetched with them from the Hub
@@ -136,6 +139,26 @@ class Qwen2RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)  # cast back before the weight, exactly as transformers does
 
 
+# the fused kernels, without the math one: on CUDA it would build the (B, H, T, T) scores in fp32 (15 GB per layer at
+# batch 16 and 2k tokens), so a masked call that no fused kernel takes fails instead
+_FUSED_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def attend(q, k, v, mask, gqa):
+    """Causal attention of q (B, H, T, D) over k, v (B, Hkv, T, D); query head h reads K/V head h // (H / Hkv), as
+    transformers' repeat_kv. mask: None (causal) or (B, 1, T, T) bool."""
+    if mask is None:  # flash attention: no mask, and it reads a shared K/V head in place
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, D)
+    # an explicit mask: flash attention takes none, and on torch 2.9 the memory-efficient kernel takes no enable_gqa
+    # beside one, so K/V are repeated to H heads here (a copy of K/V, far smaller than the scores it avoids)
+    if gqa:
+        B, Hkv, S, D = k.shape
+        n_rep = q.size(1) // Hkv
+        k, v = (t[:, :, None].expand(B, Hkv, n_rep, S, D).reshape(B, Hkv * n_rep, S, D) for t in (k, v))  # (B, H, S, D)
+    with sdpa_kernel(_FUSED_ATTENTION) if q.is_cuda else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+
+
 class Qwen2Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -145,6 +168,10 @@ class Qwen2Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_head * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        # a plain bool, fixed here: dynamo, compiling an FSDP block with dynamic=True, makes its int attributes
+        # symbolic, and n_head // n_kv_head > 1 in forward would be a SymBool, which scaled_dot_product_attention
+        # refuses (a graph break at every attention call)
+        self.gqa = self.n_head > self.n_kv_head
 
     def forward(self, x, cos, sin, mask, kv_cache=None, slot=None):
         # kv_cache (keys, values), each (B, Hkv, S, D): a prefill (slot None) writes slots [0, T); a decode step
@@ -164,9 +191,8 @@ class Qwen2Attention(nn.Module):
         if T == 1:  # decoding: fold the query heads onto their shared K/V head instead of repeating K/V
             q = q.reshape(B, self.n_kv_head, n_rep, self.head_dim)  # (B, Hkv, n_rep, D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, n_rep, D)
-        else:  # GQA: query head h reads K/V head h // n_rep, as transformers' repeat_kv
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=n_rep > 1).transpose(1, 2)  # (B, T, H, D)
+        else:
+            y = attend(q, k, v, mask, self.gqa).transpose(1, 2)  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, -1))  # (B, T, H*D) -> (B, T, C)
 
 
@@ -369,12 +395,22 @@ class Qwen2(nn.Module):
         h = self.model(input_ids, cos, sin, real[:, None, None, :], cache, slot)  # (B, 1, C)
         return self.lm_head(h[:, 0])  # (B, V)
 
-    def compile_blocks(self):
+    def compile_blocks(self, backend="inductor"):
         """torch.compile each block (training, evaluation, prefill) and the one-token decode step (generation).
-        Call it after gradient checkpointing is set and before fully_shard: torchtitan's order."""
-        for layer in self.model.layers:  # in place: the parameter names, and so the checkpoints, stay the same.
-            layer.compile(dynamic=True)  # dynamic: micro-batches and prompts vary in shape; one graph serves them
-        self._decode = torch.compile(self._decode)
+        Call it after gradient checkpointing is set and before fully_shard: torchtitan's order, which keeps FSDP's
+        hooks outside the compiled code. backend: the tests trace with "eager", the same graphs without inductor's
+        kernels."""
+        # Dynamo keeps its graphs per code object: the blocks of every model share forward's cache, and its
+        # recompile_limit of 8 variants, past which it runs eagerly. Models differ in shapes, and each adds its own
+        # variants (grad mode, checkpointing, a padding mask, a KV cache, a batch of one): four models together
+        # overflowed it. So each model gets a cache of its own where torch has them (isolate_recompiles: 2.13 does,
+        # 2.9 does not), and one compiled callable serves all of its blocks, so a variant compiles once, not per layer
+        isolated = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters \
+            else {}
+        block = torch.compile(nn.Module._call_impl, backend=backend, dynamic=True, **isolated)  # dynamic: shapes vary
+        for layer in self.model.layers:  # in place: the parameter names, and so the checkpoints, stay the same
+            layer._compiled_call_impl = functools.partial(block, layer)  # what nn.Module.compile sets, shared
+        self._decode = torch.compile(self._decode, backend=backend)
         return self
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=128, temperature=0.0, top_p=1.0,

@@ -38,7 +38,7 @@ import minillm
 import train
 from deltakd import delta_kd_loss
 from evaluate import corpus_rouge, main, porter_stem, rouge, tokenize, write_seqkd_data
-from model import Qwen2, Qwen2Config, load_weights, resolve_model_dir, rope_inv_freq, sample
+from model import Qwen2, Qwen2Config, attend, attention_mask_4d, load_weights, resolve_model_dir, rope_inv_freq, sample
 
 REPO = Path(__file__).resolve().parent
 
@@ -556,6 +556,77 @@ def test_model_compiled_decode_step_writes_the_cache_in_place(tmp_path):
     assert sizes, "found no allocation in the generated code: the pattern needs updating"
     assert max(sizes) < keys.numel(), (max(sizes), keys.shape)
     assert all(k._base is None and v._base is None for k, v in state.cache)
+
+
+def test_model_masked_attention_repeats_kv_and_equals_enable_gqa():
+    """A padding mask rules out flash attention, and on torch 2.9 CUDA's memory-efficient kernel refuses enable_gqa
+    beside a mask, which left the math kernel and its fp32 (B, H, T, T) scores: so the masked branch repeats K/V to
+    every query head instead. It gives what enable_gqa gives, and both what float64 softmax(QK^T / sqrt(D)) V gives;
+    unmasked, the causal branch equals the masked one under a mask without padding."""
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D = 3, 6, 2, 7, 8
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = (torch.randn(B, Hkv, T, D, generator=g) for _ in range(2))
+    _, pad = _model_left_pad([[1] * 7, [1] * 4, [1]])
+    mask = attention_mask_4d(pad)  # (B, 1, T, T)
+    ours = attend(q, k, v, mask, gqa=True)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                               rtol=0, atol=1e-6)
+    k64, v64 = (t.double().repeat_interleave(H // Hkv, dim=1) for t in (k, v))  # transformers' repeat_kv
+    scores = (q.double() @ k64.transpose(-1, -2) / math.sqrt(D)).masked_fill(~mask, -math.inf)
+    torch.testing.assert_close(ours.double(), scores.softmax(-1) @ v64, rtol=0, atol=1e-6)
+    causal = torch.ones(T, T, dtype=torch.bool).tril().expand(B, 1, T, T)
+    torch.testing.assert_close(attend(q, k, v, None, gqa=True), attend(q, k, v, causal, gqa=True), rtol=0, atol=1e-6)
+
+
+def test_model_compiled_blocks_have_no_graph_break_and_one_graph_per_variant(tmp_path):
+    """Blocks compiled as train.build compiles them (before fully_shard), on a world of one: a student's training
+    with and without activation checkpointing, and a frozen teacher of other head counts in a forward and a
+    left-padded prefill, each trace into one graph with no break, shared by every layer of its model. (Under FSDP,
+    dynamo makes the blocks' int attributes symbolic: enable_gqa computed in forward was a SymBool, and broke the
+    graph at every attention call.) The graphs agree with eager. Handed to the eager backend: dynamo's graphs, guards
+    and breaks are the same whatever backend compiles them, without inductor's minutes of compiling."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    from torch.distributed.device_mesh import init_device_mesh
+    shape = dict(vocab_size=97, num_hidden_layers=3, rope_theta=1e6)
+    configs = {"student": Qwen2Config(hidden_size=32, intermediate_size=56, num_attention_heads=4,
+                                      num_key_value_heads=2, tie_word_embeddings=True, **shape),
+               "teacher": Qwen2Config(hidden_size=48, intermediate_size=64, num_attention_heads=6,
+                                      num_key_value_heads=1, **shape)}
+    ids, mask = _model_left_pad([[5, 9, 1, 33, 7, 60, 2, 8], [4, 90, 2], [17, 3, 3, 3, 3]])
+    expected = {}
+    for name, cfg in configs.items():
+        torch.manual_seed(0)
+        eager = Qwen2(cfg)
+        eager.init_weights()
+        eager.save_pretrained(tmp_path / name)
+        expected[name] = eager(ids), eager(ids, mask)[:, -1]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        f32 = torch.float32
+        torch._dynamo.reset()
+        counters.clear()
+        student = train.build(tmp_path / "student", mesh, f32, f32, True, compile="eager")
+        teacher = train.build(tmp_path / "teacher", mesh, f32, f32, False, compile="eager")
+        for m in (student, teacher):
+            load_weights(m, m.name_or_path)
+        for checkpointing in (False, True):  # training
+            for layer in student.model.layers:
+                layer.gradient_checkpointing = checkpointing
+            logits = student(ids)
+            logits.sum().backward()
+            torch.testing.assert_close(logits, expected["student"][0], rtol=0, atol=1e-5)
+        assert all(p.grad is not None for p in student.parameters())
+        with torch.no_grad():  # frozen: a forward, and a left-padded prefill that writes a KV cache
+            torch.testing.assert_close(teacher(ids), expected["teacher"][0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(teacher.prefill(ids, mask, max_new_tokens=2)[0], expected["teacher"][1],
+                                       rtol=0, atol=1e-5)
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 4, "one graph per variant and model, whatever the layer count"
+    finally:
+        dist.destroy_process_group()
 
 
 def test_model_generation_eos_fill_and_early_stop(tmp_path):
@@ -1963,11 +2034,14 @@ print("same data")
     assert re.search(r"error: the processes loaded different data .*: rank 0: 3, \w+, rank 1: 4, \w+", result.stderr)
 
 
-def test_train_compile_equals_eager(_train_world, tmp_path):
-    """--compile (after --grad-ckpt, before FSDP): 20 steps end within 1e-4 of eager's weights."""
+def test_train_compile_equals_eager_with_no_graph_break(_train_world, tmp_path, monkeypatch):
+    """--compile (after --grad-ckpt, before FSDP) on Delta-KD, whose step runs four models: 20 steps end within 1e-4
+    of eager's weights, with no graph break and no recompile limit hit (each model has its own compile cache)."""
+    monkeypatch.setenv("TORCH_LOGS", "graph_breaks,recompiles")  # what dynamo reports, on stderr
     common = ["--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "20", "--dtype", "fp32"]
-    _train_run(_train_world, tmp_path / "eager", *common, loss="sft")
-    _train_run(_train_world, tmp_path / "compiled", *common, "--compile", "--grad-ckpt", loss="sft")
+    _train_run(_train_world, tmp_path / "eager", *common)
+    compiled = _train_run(_train_world, tmp_path / "compiled", *common, "--compile", "--grad-ckpt")
+    assert "Graph break" not in compiled.stderr and "recompile_limit" not in compiled.stderr, compiled.stderr[-5000:]
     eager, compiled = _train_weights(tmp_path / "eager" / "final"), _train_weights(tmp_path / "compiled" / "final")
     assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-4
 
@@ -2045,6 +2119,50 @@ def test_train_bad_arguments_are_refused_before_loading(_train_world, tmp_path):
     (other / "tokenizer.json").write_text(json.dumps(tok))
     _train_expect_exit(base + ["--loss", "fkl", "--teacher", str(other)], "has a different tokenizer")
     assert not (tmp_path / "x").exists()  # nothing was written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bench.py memory: the fake-tensor estimate of a step's peak, against real tensors
+
+def test_bench_memory_estimate_matches_real_tensors(tmp_path):
+    """bench.py memory's estimate (fake tensors, a fake process group of 2 ranks) of a Delta-KD step with
+    --grad-ckpt against the same step on real tensors, 2 processes under gloo, counted the same way (the live
+    storages' bytes): within 3%, and the parameters and optimizer state exactly. The count itself is checked against
+    the CPU allocator's own report of every allocation and free (torch.profiler's memory events) on one process
+    (with two, gloo's threads allocate buffers of their own at times that vary): within 3%. That count is what the
+    CUDA caching allocator reports as allocated."""
+    import torch.distributed as dist
+    import bench
+    shapes = {"student": dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, vocab_size=4096,
+                              tie_word_embeddings=True),
+              "teacher": dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, vocab_size=4160)}
+    for name, shape in shapes.items():
+        (tmp_path / name).mkdir()
+        config = Qwen2Config(num_hidden_layers=4, num_key_value_heads=2, rope_theta=1e6, **shape)
+        (tmp_path / name / "config.json").write_text(json.dumps(config.to_dict()))  # all that an estimate reads
+    argv = ["--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--teacher-raw",
+            str(tmp_path / "teacher"), "--loss", "deltakd", "--micro-batch-size", "2", "--max-len", "256",
+            "--grad-ckpt", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*launcher, flag):
+        r = subprocess.run([*launcher, str(REPO / "bench.py"), "memory", *argv, flag], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return json.loads(r.stdout.splitlines()[-1])
+    estimate = run(sys.executable, flag="--world-size=2")
+    real = run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", flag="--real")
+    assert abs(estimate["peak_gib"] / real["peak_gib"] - 1) < 0.03, (estimate, real)
+    assert [estimate[k] for k in ("parameters_gib", "optimizer_gib", "where")] == \
+        [real[k] for k in ("parameters_gib", "optimizer_gib", "where")]
+    _, args = bench._memory_args(argv)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cpu = torch.device("cpu")
+        counted, allocated = bench._allocator_peak(lambda: bench.memory_of_step(args, 1, cpu, fake=False), cpu)
+    finally:
+        dist.destroy_process_group()
+    assert abs(allocated / counted["peak_gib"] - 1) < 0.03, (counted, allocated)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ LOSSES = {  # how the paper's token-level methods fall out of delta_kd_loss
 }
 
 
+def loss_settings(args):
+    """delta_kd_loss's keyword arguments for --loss and its flags."""
+    return {"alpha": args.alpha, "temperature": args.temperature, "lam": args.lam, **LOSSES[args.loss]}
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -108,9 +113,11 @@ def get_args(argv=None):
     g.add_argument("--log-every", type=int, default=10, help="log every N steps")
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile each block (after --grad-ckpt, before FSDP, as torchtitan does). Measured on "
-                        "one CPU thread, fp32, small model: a training step 2%% slower to 6%% faster than eager over "
-                        "six runs, after 15-22 s of compiling, so off by default; not yet measured on a GPU")
+                   help="torch.compile each block whole (after --grad-ckpt, before FSDP, as torchtitan does), one "
+                        "compile cache per model. Measured on one CPU thread, fp32, small model (bench.py model, "
+                        "provisional): a training step 1.07x transformers' time against eager's 1.08x (earlier, "
+                        "quieter runs: 0.92-0.96x against 0.93-1.00x), after 15-120 s of compiling, so off by "
+                        "default; not yet measured on a GPU (bench.py gpu)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak for MFU (H100 SXM: 989)")
     return p.parse_args(argv)
@@ -141,26 +148,65 @@ def check_args(args, world_size):
 
 # ----------------------------------------------------------------------------- distributed helpers
 
-def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=False, compile=False):
+def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=False, compile=None):
     """Meta device -> activation checkpointing -> compile -> fully_shard each block, then the root -> to_empty ->
-    weights, tensor by tensor (load_weights, after this)."""
-    with torch.device("meta"):
-        model = Qwen2(Qwen2Config.from_json(model_dir)).to(storage_dtype)
+    weights, tensor by tensor (load_weights, after this). compile: None, or the torch.compile backend of the blocks
+    ("inductor" for --compile)."""
+    prior = torch.get_default_dtype()
+    torch.set_default_dtype(storage_dtype)  # made in it, not cast: fake tensors (bench.py memory) refuse a cast's swap
+    try:
+        with torch.device("meta"):
+            model = Qwen2(Qwen2Config.from_json(model_dir))
+    finally:
+        torch.set_default_dtype(prior)
     for block in model.model.layers:
         block.gradient_checkpointing = grad_ckpt
     if compile:
-        model.compile_blocks()
+        model.compile_blocks(compile)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    # The root (embeddings, final norm, lm_head) of a trained model stays gathered after forward, for the backward
-    # that follows at once; a frozen model has no backward, so it gives them back.
+    # The ends of a trained model stay gathered after forward, for the backward that follows at once; a frozen model
+    # has no backward, so it gives them back. Untied, the embedding and [norm, lm_head] are units of their own, as in
+    # torchtitan: each is gathered only while it runs, and lm_head's gradient is reduced as soon as it is made rather
+    # than after the whole backward (2 x 1.0 GiB less at the 7B's SFT, bench.py memory). A tied matrix serves both
+    # ends, so it stays in the root.
+    if not model.config.tie_word_embeddings:
+        fully_shard(model.model.embed_tokens, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard([model.model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
     model.to_empty(device=mesh.device_type)  # FSDP2 keeps a tied lm_head tied through to_empty
     if not trainable:
         model.requires_grad_(False).eval()
     model.name_or_path = str(model_dir)
     return model
+
+
+def build_models(dirs, args, mesh, compute_dtype):
+    """The student, in fp32 master weights, and the frozen models that its loss reads, stored in the compute dtype:
+    (student, {"teacher", "teacher_raw", "student_raw"} as needed), their weights not yet loaded."""
+    backend = "inductor" if args.compile else None
+    student = build(dirs["model"], mesh, compute_dtype, torch.float32, True, args.grad_ckpt, backend)
+    frozen = {}
+    if args.loss != "sft":
+        frozen["teacher"] = build(dirs["teacher"], mesh, compute_dtype, compute_dtype, False, compile=backend)
+    if args.loss == "deltakd" and args.alpha != 0:
+        frozen["teacher_raw"] = build(dirs["teacher_raw"], mesh, compute_dtype, compute_dtype, False, compile=backend)
+        frozen["student_raw"] = build(dirs["model"], mesh, compute_dtype, compute_dtype, False, compile=backend)
+    return student, frozen
+
+
+def make_optimizer(student, args, fused):
+    decay = [p for p in student.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def model_flops_per_token(n_params):
+    """For MFU, from {"student": parameters, frozen model: parameters, ...}: 6N for the trained student (forward and
+    backward), 2N for each frozen model's forward; attention's own FLOPs are left out."""
+    return 6 * n_params["student"] + 2 * sum(v for k, v in n_params.items() if k != "student")
 
 
 def check_same_data(examples, rank, world):
@@ -324,22 +370,11 @@ def main(argv=None):
         dist.barrier()
         dirs["model"] = out / "init"
 
-    # --- models: the student trains in fp32 master weights; the frozen ones are stored in the compute dtype
-    student = build(dirs["model"], mesh, compute_dtype, torch.float32, True, args.grad_ckpt, args.compile)
-    frozen = {}
-    if args.loss != "sft":
-        frozen["teacher"] = build(dirs["teacher"], mesh, compute_dtype, compute_dtype, False, compile=args.compile)
-    if args.loss == "deltakd" and args.alpha != 0:
-        frozen["teacher_raw"] = build(dirs["teacher_raw"], mesh, compute_dtype, compute_dtype, False,
-                                      compile=args.compile)
-        frozen["student_raw"] = build(dirs["model"], mesh, compute_dtype, compute_dtype, False, compile=args.compile)
+    # --- models
+    student, frozen = build_models(dirs, args, mesh, compute_dtype)
     for m in frozen.values():
         load_weights(m, m.name_or_path)
-    decay = [p for p in student.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
-    no_decay = [p for p in student.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
-                                  fused=cuda)
+    optimizer = make_optimizer(student, args, fused=cuda)
     ppo = MiniLLM(args, examples, student, frozen["teacher"], vocab_size, stop_ids, rank, world, device,
                   pad_id) if args.loss == "minillm" else None
 
@@ -364,10 +399,8 @@ def main(argv=None):
                     "total_steps": total_steps, "parameters": n_params}, indent=1))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    loss_kwargs = {"alpha": args.alpha, "temperature": args.temperature, "lam": args.lam, **LOSSES[args.loss]}
-    # approximate model FLOPs per token for MFU: 6N for the trained student (forward and backward), 2N for each frozen
-    # forward; attention's own FLOPs are left out
-    flops_per_token = 6 * n_params["student"] + 2 * sum(v for k, v in n_params.items() if k != "student")
+    loss_kwargs = loss_settings(args)
+    flops_per_token = model_flops_per_token(n_params)
 
     # --- the loop
     next_save = (step // args.save_every + 1) * args.save_every
@@ -426,7 +459,8 @@ def main(argv=None):
                 record.update(means)
                 if cuda:
                     record["mfu"] = flops_per_token * record["tokens_per_s"] / world / (args.peak_tflops * 1e12)
-                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # what tensors held
+                    record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30  # with the cached blocks
                 log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 if rank == 0:
                     with open(out / "metrics.jsonl", "a") as f:

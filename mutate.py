@@ -80,7 +80,7 @@ MUTANTS = [
     Mutant("padding-past-the-longest", "data.py", "return min(-(-n // 8) * 8, self.longest)",
            "return -(-n // 8) * 8", "test_data_batches_padding"),
     Mutant("row-range-one-too-many", "data.py", "rows = rows[first:stop] if", "rows = rows[first:stop + 1] if",
-           "test_data_parquet_json_and_folders"),
+           "test_data_parquet_json_and_folders or test_data_fit_keeps"),
     Mutant("batches-resume-at-epoch-start", "data.py", 'self.epoch, self.step = state["epoch"], state["step"]',
            'self.epoch, self.step = state["epoch"], 0', "test_data_batches_resume"),
     # --- train.py: which model feeds which slot, normalisation, resume, schedule

@@ -545,6 +545,12 @@ def test_model_decoding_steps_give_the_full_forward_logits(tmp_path):
         for _ in range(3):  # past the cache's end, a slot keeps rewriting its last position, within bounds
             model.decode_step(state, torch.zeros(3, dtype=torch.long))
         assert state.pos.tolist() == [9, 7, 9]
+    # compiled greedy decoding picks, at every step, the eager model's best token (to 1e-4: a near-tie may go either way)
+    ids, mask = _model_left_pad(prompts)
+    gen = compiled.generate(ids, mask, max_new_tokens=6)
+    logits = ours(gen, torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1))[:, ids.size(1) - 1:-1]
+    chosen = logits.gather(-1, gen[:, ids.size(1):, None])[..., 0]
+    assert (chosen >= logits.max(-1).values - 1e-4).all()
 
 
 def test_model_compiled_decode_step_writes_the_cache_in_place(tmp_path):

@@ -476,38 +476,42 @@ def main(argv=None):
         sys.exit(f"error: --model {args.model}: {e}")
     examples = load_examples(args, tokenizer)
 
-    # --- processes: torchrun sets WORLD_SIZE; a plain `python evaluate.py` is one process, without a process group
+    # --- replies that an earlier run of this command wrote (under --out, as they ended): read before any process of
+    # this run appends to them, and reused
     cuda = torch.cuda.is_available()
     dtype = args.dtype or ("bf16" if cuda else "fp32")
-    folder = Path(args.out) / "replies"  # each process's replies, as they end; the same command reuses them
+    folder = Path(args.out) / "replies"
     settings = generation_settings(args, model_dir, examples, dtype)
     check_reusable(folder, settings)
+    reused = read_replies(folder)
+    # the longest prompts first, so that running out of memory happens at once
+    todo = [i for i in sorted(range(len(examples)), key=lambda i: (-len(examples[i]["prompt"]), i)) if i not in reused]
+
+    # --- processes: torchrun sets WORLD_SIZE; a plain `python evaluate.py` is one process, without a process group
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    model = Qwen2.from_pretrained(model_dir, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device)
-    if args.compile:
-        model.compile_blocks()
-
-    # --- generation: continuous batching over --batch-size slots, the longest prompts first, so that running out of
-    # memory happens at once; every process takes the next prompt as it frees a slot, and a reply is the same
-    # whichever process, slot and neighbours it gets
-    if rank == 0 and not (folder / "settings.json").exists():
+    if rank == 0:
+        if reused:
+            print(f"reusing {len(reused)} of {len(examples)} replies from {folder}")
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "settings.tmp").write_text(json.dumps(settings, indent=1) + "\n")
-        (folder / "settings.tmp").rename(folder / "settings.json")
+        (folder / "settings.tmp").replace(folder / "settings.json")
+
+    # --- generation: continuous batching over --batch-size slots; every process takes the next prompt as it frees a
+    # slot, and a reply is the same whichever process, slot and neighbours it gets
+    model = None
+    if todo:
+        model = Qwen2.from_pretrained(model_dir, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device)
+        if args.compile:
+            model.compile_blocks()
     if dist.is_initialized():
-        dist.barrier()
-    reused = read_replies(folder)
-    if dist.is_initialized():
-        dist.barrier()  # every process has read the files before any appends to them
-    if rank == 0 and reused:
-        print(f"reusing {len(reused)} of {len(examples)} replies from {folder}")
-    todo = [i for i in sorted(range(len(examples)), key=lambda i: (-len(examples[i]["prompt"]), i)) if i not in reused]
-    generate_replies(model, tokenizer, examples, todo, args, folder, rank, world)
+        dist.barrier()  # every process has read the replies before any appends to them
+    if todo:
+        generate_replies(model, tokenizer, examples, todo, args, folder, rank, world)
     if dist.is_initialized():
         # Tear gloo down only once every rank is done with it, and with nothing left for interpreter shutdown to
         # collect: either race can end a finished run in "terminate called without an active exception"
@@ -531,6 +535,7 @@ def main(argv=None):
     utilization = sum(r["tokens"] for r in replies.values()) / sum(r["slot_steps"] for r in replies.values())
     write_results(records, Path(args.out), **meta, dtype=dtype, unfinished=sum(not r["finished"] for r in records),
                   ceiling_stemmed=ceiling, decode_slot_utilization=utilization)
+    print(f"decode slot utilization {utilization:.1%}: live-row decode steps / (slots x steps), all processes")
     if args.write_data:
         write_seqkd_data(args.write_data, examples, records)
 

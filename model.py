@@ -151,7 +151,7 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv_cache=None, pos=None):
         # kv_cache (keys, values), each (B, Hkv, S, D): a prefill (pos None) writes [0, T); a decode step (T = 1)
-        # writes each row's key at its own index pos (B,) and reads all S, masked. mask None: causal over this call's keys.
+        # writes each row's key at its own index pos (B,) and reads all S, masked. mask None: causal over this call.
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -351,8 +351,8 @@ class Qwen2(nn.Module):
         cfg, w = self.config, self.model.embed_tokens.weight  # under FSDP, call it gathered: the compute dtype
         shape = (slots, cfg.num_key_value_heads, max_len, cfg.hidden_size // cfg.num_attention_heads)
         # zeros, not empty: a masked key's value is still multiplied by 0, and 0 * garbage could be NaN
-        cache = [(torch.zeros(shape, dtype=w.dtype, device=w.device), torch.zeros(shape, dtype=w.dtype, device=w.device))
-                 for _ in range(cfg.num_hidden_layers)]
+        zeros = functools.partial(torch.zeros, shape, dtype=w.dtype, device=w.device)
+        cache = [(zeros(), zeros()) for _ in range(cfg.num_hidden_layers)]
         return DecodeState(cache, torch.zeros(slots, dtype=torch.long, device=w.device))
 
     @torch.no_grad()
@@ -428,7 +428,8 @@ class Decoder:
         dev = self.states[0].pos.device
         self.stops = torch.tensor(list(stop_ids) or [-1], device=dev)
         # per slot: the token it feeds next, its prompt's seed, its reply's length so far and limit, whether it ended
-        self.tokens, self.seeds, self.n, self.limits = (torch.zeros(slots, dtype=torch.long, device=dev) for _ in "1234")
+        long = functools.partial(torch.zeros, slots, dtype=torch.long, device=dev)
+        self.tokens, self.seeds, self.n, self.limits = long(), long(), long(), long()
         self.done = torch.ones(slots, dtype=torch.bool, device=dev)  # an empty slot counts as ended: it is not live
         self.live_steps = self.slot_steps = 0
 
@@ -505,7 +506,7 @@ def _mul32(x, c):  # x * c mod 2^32, for x in [0, 2^32): in 16-bit halves of c, 
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
 
 
-def _hash32(x):  # lowbias32 (C. Wellons' hash prospector): a 32-bit integer hash in which every bit flips every other
+def _hash32(x):  # lowbias32 (C. Wellons' hash prospector): flip any input bit, and each output bit flips half the time
     x = _mul32(x ^ (x >> 16), 0x7FEB352D)
     x = _mul32(x ^ (x >> 15), 0x846CA68B)
     return x ^ (x >> 16)

@@ -702,6 +702,22 @@ def test_model_sampled_replies_do_not_depend_on_slot_batch_or_other_prompts(tmp_
     assert all(other[k] != alone[k] and greedy[k] != alone[k] for k in alone)
 
 
+def test_model_decoder_counts_utilization_honestly():
+    """Decoder.run's own count, over bench.py's stand-in that ends each row at its limit. Static batching: the sum of
+    the lengths over slots x each batch's longest. Continuous batching, worked by hand (2 slots, a look every 16
+    steps): rows of 5 and 40 run 16 steps, the first idle after its 5th until the host sees it end; its slot takes
+    the row of 17, which runs 16 and then 1 step of the last 8, when the row of 40 ends: 62 live of 2 x 40."""
+    from bench import _Scheduled
+    lengths = [5, 40, 17, 3, 33, 16, 1, 70]
+    static = _Scheduled(3)
+    assert [k for k, _, _ in static.run(((k, [0], n, 0) for k, n in enumerate(lengths)), refill=False)] == \
+        [0, 2, 1, 3, 5, 4, 6, 7]
+    assert static.utilization == sum(lengths) / (3 * (40 + 33 + 70))
+    continuous = _Scheduled(2)
+    assert [k for k, _, _ in continuous.run((k, [0], n, 0) for k, n in enumerate(lengths[:3]))] == [0, 2, 1]
+    assert (continuous.live_steps, continuous.slot_steps) == (62, 80)
+
+
 def test_model_decoding_syncs_once_per_16_steps(tmp_path):
     """The host waits for the device once per 16 decode steps, one .tolist() of the steps' records (plus a last,
     shorter look at the end), sampling with top-p included: the count a GPU would see."""
@@ -2490,6 +2506,8 @@ def test_eval_cli_writes_consistent_predictions_and_summary(_eval_env):
     for field in ("prediction", "reference"):
         assert summary[f"mean_{field}_tokens"] == math.fsum(len(tokenize(r[field])) for r in rows) / len(rows)
     assert summary["examples"] == len(chats) and summary["model"].endswith("model") and summary["dtype"] == "fp32"
+    used = json.loads((_eval_env["ref"] / "summary.json").read_text())["decode_slot_utilization"]
+    assert 0 < used <= 1 and f"decode slot utilization {used:.1%}" in _eval_env["stdout"]
     table = _eval_env["stdout"]
     assert "R-1" in table and "R-L" in table and "stemmed" in table
     assert f"{100 * summary['rouge']['rougeL']:.2f}" in table

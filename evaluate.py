@@ -389,9 +389,11 @@ def generate_replies(model, tokenizer, examples, todo, args, folder, rank, world
     def mine():  # the next prompt that no process has taken yet
         while (k := store.add("evaluate/taken", 1) - 1) < len(todo):
             yield todo[k]
-    # the cache fits the longest prompt of all, on every process: a row's arithmetic, so its reply, is the same anywhere
+    # the same shapes on every process (no more slots than prompts; a cache that fits the longest prompt of all): a
+    # row's arithmetic, and so its reply, is the same whichever process decodes it
     longest = max(len(e["prompt"]) for e in examples)
-    decoder = Decoder([model], args.batch_size, longest + args.max_new_tokens, stops, args.temperature, args.top_p)
+    decoder = Decoder([model], min(args.batch_size, len(todo)), longest + args.max_new_tokens, stops,
+                      args.temperature, args.top_p)
     work = ((i, examples[i]["prompt"], args.max_new_tokens, seed_of(args.seed, i)) for i in mine())
     path = folder / f"rank-{rank}.jsonl"
     if path.exists():  # cut a line that a crash left half-written: the new ones must start on a line of their own

@@ -367,8 +367,11 @@ def read_replies(folder):
     kept, so its reply is made again."""
     replies = {}
     for path in sorted(folder.glob("rank-*.jsonl")):
-        for line in path.read_bytes().split(b"\n")[:-1]:
-            record = json.loads(line)
+        for n, line in enumerate(path.read_bytes().split(b"\n")[:-1], 1):
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                sys.exit(f"error: {path}:{n}: not a reply that evaluate.py wrote ({e}); delete the file to redo them")
             replies[record["index"]] = record
     return replies
 
@@ -417,6 +420,7 @@ def generate_replies(model, tokenizer, examples, todo, args, folder, rank, world
                 shown = time.perf_counter() - t0
     if rank == 0 and steps:
         progress(store.add("evaluate/ended", 0))
+
 
 def write_results(records, out, **meta):
     """Scores the records, writes predictions.jsonl and summary.json, prints the table."""

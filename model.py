@@ -2,9 +2,11 @@
 
 It computes what transformers' Qwen2ForCausalLM computes (RMSNorm in fp32, half-split RoPE, GQA with q/k/v biases,
 SwiGLU, tied embeddings), and its modules carry the checkpoint's tensor names, so weights load without a name map.
+Decoder generates with continuous batching over a fixed-shape KV cache, sampling by Gumbel-max with seeded noise.
 
 References: Qwen2 Technical Report (arXiv:2407.10671); RoFormer (arXiv:2104.09864); GQA (arXiv:2305.13245);
-transformers/models/qwen2/modeling_qwen2.py; nanoGPT and gpt-fast for the shape of the code.
+transformers/models/qwen2/modeling_qwen2.py; nanoGPT and gpt-fast for the shape of the code; Orca (Yu et al., OSDI
+2022) for continuous batching; the Gumbel-max trick (Maddison et al., arXiv:1411.0030).
 """
 import functools
 import json
@@ -438,6 +440,9 @@ class Decoder:
         return self.live_steps / max(self.slot_steps, 1)
 
     def add(self, slot, prompt, limit, seed, twin=None):
+        if len(prompt) + limit - 1 > self.states[0].cache[0][0].size(2):  # the reply's last token is never fed
+            raise ValueError(f"a prompt of {len(prompt)} tokens and {limit} new ones do not fit the cache's "
+                             f"{self.states[0].cache[0][0].size(2)} positions")
         for model, state in zip(self.models, self.states):
             if twin is None:  # the prompt's last token is fed by the next step, which samples after it
                 model.prefill(state, slot, prompt[:-1])

@@ -683,6 +683,8 @@ def test_model_continuous_batching_equals_static_batching_greedy(tmp_path):
     out = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=stop)
     for k, reply in oracle.items():
         assert out[k, ids.size(1):ids.size(1) + len(reply)].tolist() == reply
+    with pytest.raises(ValueError, match="a prompt of 3 tokens and 4 new ones do not fit the cache's 5 positions"):
+        list(Decoder([ours], 1, 5).run([(0, [1, 2, 3], 4, 0)]))
 
 
 def test_model_sampled_replies_do_not_depend_on_slot_batch_or_other_prompts(tmp_path):

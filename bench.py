@@ -11,6 +11,8 @@ present, the GPU cases run too.
                              arguments with --world-size (--json: {"peak_gib": ...}; --real: measured, under torchrun)
     python bench.py gpu      on one GPU: a Delta-KD step's tokens/s, MFU, host syncs and peak memory, eager and
                              compiled, beside the memory estimate (--dry-run: the estimate alone); not among "all"
+    python bench.py generate static vs continuous batching: decode-slot utilization, time per reply token, idle ranks,
+                             host syncs per token (--json: a last line of JSON)
 """
 import argparse
 import collections
@@ -39,7 +41,7 @@ import data
 import evaluate
 import train
 from deltakd import _CHUNK_BYTES, delta_kd_loss
-from model import Qwen2, Qwen2Config, rope_inv_freq
+from model import Decoder, Qwen2, Qwen2Config, rope_inv_freq
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -940,9 +942,126 @@ def _gpu_variant(args, device, opts, estimate):
           f"({', '.join(f'{k} x{n}' for k, n in syncs.most_common()) or 'none'})")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# generate: static vs continuous batching, on UltraChat-like reply lengths
+
+class _Scheduled(Decoder):
+    """Decoder.run, the real scheduler, over a stand-in for the models: each row runs until the length drawn for it
+    (its limit), at the cost of counting. The simulation's utilization is run()'s own count."""
+
+    def __init__(self, slots):
+        self.slots, self.every, self.stop_ids, self.live_steps, self.slot_steps = slots, 16, set(), 0, 0
+        self.left = [0] * slots  # the steps each slot's row has still to run
+
+    def add(self, slot, prompt, limit, seed, twin=None):
+        self.left[slot] = limit
+
+    def step(self):
+        record = torch.tensor([[0.0 if n > 0 else -1.0] for n in self.left])  # (B, 1): a token, or -1 once ended
+        self.left = [n - 1 for n in self.left]
+        return record
+
+
+def _generate_lengths(n, seed=0, median=280, sigma=0.9, cap=2048):
+    return np.random.default_rng(seed).lognormal(np.log(median), sigma, n).round().clip(1, cap).astype(int).tolist()
+
+
+def _generate_ranks(lengths, slots, world, continuous):
+    """Each rank's decode steps for one pass over `lengths` (prompts in length order): today's deal (static batches,
+    batches[rank::world]) or a shared counter (continuous: the ranks take the next prompt as they free a slot,
+    simulated by always advancing the rank that is furthest behind, exact to one reply's interval)."""
+    work = [(k, [0], n, 0) for k, n in enumerate(lengths)]
+    decoders = [_Scheduled(slots) for _ in range(world)]
+    if not continuous:
+        batches = [work[k:k + slots] for k in range(0, len(work), slots)]
+        for rank, d in enumerate(decoders):
+            for _ in d.run([item for batch in batches[rank::world] for item in batch], refill=False):
+                pass
+        return [d.slot_steps / slots for d in decoders]
+    shared = iter(work)
+    runs = {rank: d.run(shared) for rank, d in enumerate(decoders)}
+    while runs:
+        rank = min(runs, key=lambda r: decoders[r].slot_steps)
+        if next(runs[rank], None) is None:
+            del runs[rank]
+    return [d.slot_steps / slots for d in decoders]
+
+
+def _generate_timed(model, prompts, lengths, slots, refill):
+    decoder = Decoder([model], slots, max(map(len, prompts)) + max(lengths))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        replies = {k: tokens for k, tokens, _ in decoder.run(zip(range(len(prompts)), prompts, lengths,
+                                                                  range(len(prompts))), refill)}
+    return time.perf_counter() - start, replies, decoder.utilization
+
+
+def bench_generate(as_json=False, n=4000, timed=256, world=8):
+    print(f"generate: static vs continuous batching (model.Decoder) on UltraChat-like reply lengths: lognormal, median "
+          f"280 tokens, sigma 0.9, capped at 2048; prompts taken in length order, which is unrelated to reply length")
+    lengths = _generate_lengths(n)
+    print(f"  utilization (live-row decode steps / (slots x steps)): Decoder.run, the real scheduler, over a stand-in "
+          f"that stops each row at its drawn length; {n} prompts (mean reply {np.mean(lengths):.0f} tokens)")
+    used = {}
+    for slots in (16, 32, 64):
+        used[slots] = {}
+        for name, refill in (("static", False), ("continuous", True)):
+            d = _Scheduled(slots)
+            for _ in d.run(((k, [0], n, 0) for k, n in enumerate(lengths)), refill):
+                pass
+            used[slots][name] = d.utilization
+        goal = f"   (goal >= 90%: {'met' if used[32]['continuous'] >= 0.9 else 'NOT met'})" if slots == 32 else ""
+        print(f"    batch {slots:2d}: static {used[slots]['static']:5.1%}   continuous {used[slots]['continuous']:5.1%}"
+              f"{goal}")
+
+    # the real Decoder and a tiny model, forced to stop at the drawn lengths: the same prompts both ways, in one run
+    torch.manual_seed(0)
+    model = Qwen2(Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, rope_theta=1e6)).eval()
+    g = np.random.default_rng(1)
+    prompts = sorted(([int(t) for t in g.integers(0, 256, int(g.integers(16, 64)))] for _ in range(timed)), key=len,
+                     reverse=True)
+    cut = _generate_lengths(timed, seed=2)
+    times = {name: _generate_timed(model, prompts, cut, 32, refill) for name, refill in (("static", False),
+                                                                                        ("continuous", True))}
+    assert times["static"][1] == times["continuous"][1], "static and continuous batching gave different replies"
+    per_token = {name: t / sum(cut) for name, (t, _, _) in times.items()}
+    ratio = per_token["continuous"] / per_token["static"]
+    print(f"  wall time per reply token, a tiny model on the CPU ({torch.get_num_threads()} threads, fp32), {timed} "
+          f"prompts of 16-64 tokens, batch 32, greedy replies identical both ways:")
+    print(f"    static {per_token['static'] * 1e3:.3f} ms (utilization {times['static'][2]:.1%})   continuous "
+          f"{per_token['continuous'] * 1e3:.3f} ms ({times['continuous'][2]:.1%})   continuous / static {ratio:.2f}x"
+          f"   (goal <= 0.4x: {'met' if ratio <= 0.4 else 'NOT met'})")
+
+    # ranks: the slowest rank sets the run's time; the others idle while they wait for it
+    evaluation = _generate_lengths(2000, seed=3)
+    print(f"  {world} ranks at batch 32, each rank's decode steps (a step costs the same on every rank); idle share = "
+          f"1 - mean / slowest")
+    idle = {}
+    for what, lens in (("an evaluation, 2000 prompts", evaluation), (f"SeqKD-like, {n // 2 * world} prompts",
+                                                                     _generate_lengths(n // 2 * world, seed=4))):
+        today, ours = _generate_ranks(lens, 32, world, False), _generate_ranks(lens, 32, world, True)
+        idle[what] = {"today": 1 - np.mean(today) / max(today), "continuous": 1 - np.mean(ours) / max(ours)}
+        print(f"    {what}: today's deal (static, batches[rank::world]) slowest {max(today):.0f} steps, idle "
+              f"{idle[what]['today']:.1%}; shared counter (continuous) slowest {max(ours):.0f} steps, idle "
+              f"{idle[what]['continuous']:.1%}; {max(ours) / max(today):.2f}x the time")
+
+    # host syncs: what a GPU's host would wait on, per decode step and per reply token (sampling with top-p)
+    decoder = Decoder([model], 8, 64 + 64, temperature=1.0, top_p=0.9)
+    with torch.inference_mode(), HostSyncs() as syncs:
+        tokens = sum(len(t) for _, t, _ in decoder.run(zip(range(32), prompts[:32], _generate_lengths(32, 5, 40, 0.5,
+                                                                                                       64), range(32))))
+    steps = decoder.slot_steps / 8
+    print(f"  host syncs (HostSyncs), 32 sampled replies at batch 8: {syncs.total} in {steps:.0f} decode steps "
+          f"({steps / syncs.total:.1f} steps per sync), {syncs.total / tokens:.4f} per reply token {syncs.counts}")
+    if as_json:
+        print(json.dumps({"utilization": used[32], "utilization_by_batch": used, "continuous_over_static": ratio,
+                          "idle_share_8_ranks": idle, "syncs_per_token": syncs.total / tokens}))
+
+
 def main():
     benches = {"data": bench_data, "model": bench_model, "loss": bench_loss, "rouge": bench_rouge, "train": bench_train,
-               "memory": bench_memory}
+               "memory": bench_memory, "generate": bench_generate}
     if sys.argv[1:2] == ["loss-worker"]:  # bench_loss runs each variant in a fresh process
         return loss_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     if sys.argv[1:2] == ["memory"]:  # takes train.py's arguments
@@ -952,8 +1071,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("which", nargs="*", choices=[[], *benches], default=list(benches),
                         help="benchmarks to run (default: all)")
-    for name in parser.parse_args().which:
-        benches[name]()
+    parser.add_argument("--json", action="store_true",
+                        help="generate: end with one line of JSON, {\"utilization\": {\"static\", \"continuous\"}} at "
+                             "batch 32 and the other numbers")
+    args = parser.parse_args()
+    for name in args.which:
+        benches[name](**({"as_json": args.json} if name == "generate" else {}))
         print()
 
 

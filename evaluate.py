@@ -20,6 +20,7 @@ References:
 import argparse
 import functools
 import gc
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from data import encode_prompt, last_reply, load_rows, load_tokenizer, read_file
-from model import Qwen2, Qwen2Config, checkpoint_shapes, resolve_model_dir
+from model import Decoder, Qwen2, Qwen2Config, checkpoint_shapes, resolve_model_dir, seed_of
 
 # ----------------------------------------------------------------------------------------------------------------
 # Porter stemmer, NLTK_EXTENSIONS mode (the paper's algorithm plus Martin Porter's and NLTK's later fixes)
@@ -232,17 +233,23 @@ def get_args(argv=None):
                         "last user turn stay), so that a long history cannot run prefill out of memory")
     p.add_argument("--max-new-tokens", type=int, default=512,
                    help="longest reply; the ROUGE ceiling it allows (the reference cut there) is reported")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="decode slots: replies decoded at once. A reply that ends gives its slot to the next prompt "
+                        "(continuous batching)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy, the same replies for any process count")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling")
-    p.add_argument("--seed", type=int, default=0, help="seeds sampling, one stream per batch")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds sampling: each prompt draws with a seed made from this and its index in the data, so "
+                        "that its reply does not depend on the batch, the slot or the number of processes")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype; none: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks and the one-token decode step (fixed shapes: one graph serves every "
                         "token). Measured on one CPU thread, fp32, small model (bench.py model, provisional): "
                         "generation 0.61x transformers' time against eager's 0.68x (earlier runs: 7-13%% faster than "
                         "eager), after 11-110 s of compiling, so off by default; not yet measured on a GPU")
-    p.add_argument("--out", default="runs/eval", help="folder for predictions.jsonl and summary.json")
+    p.add_argument("--out", default="runs/eval",
+                   help="folder for predictions.jsonl and summary.json. Each reply is also appended to "
+                        "replies/rank-<N>.jsonl as it ends: the same command run again reuses them, after a crash too")
     p.add_argument("--predictions", metavar="FILE.jsonl",
                    help="score this file's {prediction, reference, id (optional)} rows instead of generating: "
                         "another system's outputs, or SeqKD data")
@@ -333,28 +340,86 @@ def rouge_ceiling(references, tokenizer, max_new_tokens):
     return corpus_rouge([rouge(c, r, use_stemmer=True) for c, r in zip(cut, references)])
 
 
-def generate_replies(model, tokenizer, examples, batches, args, device, rank, world):
-    """{example index: (reply, finished)} for this process's batches."""
-    stops = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
-    replies, total, t0, shown = {}, sum(len(idx) for _, idx in batches), time.perf_counter(), 0.0
-    for b, idx in batches:
-        prompts = [examples[i]["prompt"] for i in idx]
-        T = max(map(len, prompts))
-        ids = torch.tensor([[stops[1]] * (T - len(p)) + p for p in prompts])  # (B, T), left-padded for generate()
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])  # (B, T)
-        # seeded by the batch's number, so that sampled replies do not depend on the number of processes either
-        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + b) if args.temperature > 0 else None
-        out = model.generate(ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, eos_token_id=stops, generator=gen)
-        for i, row in zip(idx, out[:, T:].tolist()):
-            end = next((k for k, t in enumerate(row) if t in stops), None)  # None: cut at --max-new-tokens
-            replies[i] = (tokenizer.decode(row[:end], skip_special_tokens=True), end is not None)
-        elapsed = time.perf_counter() - t0
-        if rank == 0 and (elapsed - shown > 10 or len(replies) == total):  # a line per 10 s keeps logs readable
-            rate, shown = len(replies) / elapsed, elapsed
-            print(f"{f'rank 0 of {world}: ' if world > 1 else ''}{len(replies)}/{total} examples, {rate:.2f} "
-                  f"examples/s, ETA {(total - len(replies)) / rate:.0f} s", file=sys.stderr, flush=True)
+def generation_settings(args, model_dir, examples, dtype):
+    """What a reply depends on, in the order a mismatch is reported: a rerun reuses replies only under the same."""
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(model_dir).glob("*.safetensors"))
+    digest = lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest()[:16]
+    return {"model": str(Path(model_dir).resolve()), "weights": digest(weights), "dtype": dtype,
+            **{k: getattr(args, k) for k in ("data", "split", "max_examples", "holdout", "max_len", "skip_bad_rows",
+                                             "max_prompt_len", "max_new_tokens", "temperature", "top_p", "seed")},
+            "prompts": digest([(e["id"], e["prompt"]) for e in examples])}
+
+
+def check_reusable(folder, settings):
+    """Refuses, in one line naming the setting, to add replies to those that another command made."""
+    saved = json.loads((folder / "settings.json").read_text()) if (folder / "settings.json").exists() else settings
+    key = next((k for k, v in settings.items() if saved.get(k) != v), None)
+    if key:
+        what = {"weights": f"--model's weights changed since {folder}'s replies were made",
+                "prompts": f"--data gives other prompts than those {folder}'s replies answer"}.get(key)
+        flag = f"--{key.replace('_', '-')}"
+        sys.exit(f"error: {what or f'{folder} holds replies made with {flag} {saved.get(key)}, not {settings[key]}'}"
+                 f": give another --out, or delete {folder} to start again")
+
+
+def read_replies(folder):
+    """{example index: record} from every process's file; a line that a crash cut off (no final newline) is not
+    kept, so its reply is made again."""
+    replies = {}
+    for path in sorted(folder.glob("rank-*.jsonl")):
+        for n, line in enumerate(path.read_bytes().split(b"\n")[:-1], 1):
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                sys.exit(f"error: {path}:{n}: not a reply that evaluate.py wrote ({e}); delete the file to redo them")
+            replies[record["index"]] = record
     return replies
+
+
+def append_reply(f, record):
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()  # on disk as soon as it is made: a crash loses only the replies in progress
+
+
+def generate_replies(model, tokenizer, examples, todo, args, folder, rank, world):
+    """Decodes the prompts of `todo` (example indices) that this process takes, --batch-size at a time with continuous
+    batching, appending each reply to folder/rank-<rank>.jsonl as it ends. Processes take the next prompt as they free
+    a slot, from a counter shared through torch.distributed's store (its add is atomic on any backend), so that all
+    stay busy to the end."""
+    stops = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    store = dist.distributed_c10d._get_default_store() if world > 1 else dist.HashStore()  # a private, stable API
+
+    def mine():  # the next prompt that no process has taken yet
+        while (k := store.add("evaluate/taken", 1) - 1) < len(todo):
+            yield todo[k]
+    # the same shapes on every process (no more slots than prompts; a cache that fits the longest prompt of all): a
+    # row's arithmetic, and so its reply, is the same whichever process decodes it
+    longest = max(len(e["prompt"]) for e in examples)
+    decoder = Decoder([model], min(args.batch_size, len(todo)), longest + args.max_new_tokens, stops,
+                      args.temperature, args.top_p)
+    work = ((i, examples[i]["prompt"], args.max_new_tokens, seed_of(args.seed, i)) for i in mine())
+    path = folder / f"rank-{rank}.jsonl"
+    if path.exists():  # cut a line that a crash left half-written: the new ones must start on a line of their own
+        os.truncate(path, path.read_bytes().rfind(b"\n") + 1)
+    t0, shown, steps = time.perf_counter(), 0.0, 0
+
+    def progress(ended):
+        rate = ended / (time.perf_counter() - t0)
+        print(f"{f'rank 0 of {world}: ' if world > 1 else ''}{ended}/{len(todo)} examples, {rate:.2f} examples/s, "
+              f"ETA {(len(todo) - ended) / rate:.0f} s, decode slot utilization {decoder.utilization:.1%}"
+              f"{' (rank 0)' if world > 1 else ''}", file=sys.stderr, flush=True)
+    with open(path, "a", encoding="utf-8") as f, torch.inference_mode():
+        for i, tokens, _ in decoder.run(work):
+            finished = bool(tokens) and tokens[-1] in stops
+            append_reply(f, {"index": i, "id": examples[i]["id"], "finished": finished, "tokens": len(tokens),
+                             "slot_steps": decoder.slot_steps - steps,  # since this process's last reply
+                             "prediction": tokenizer.decode(tokens[:len(tokens) - finished], skip_special_tokens=True)})
+            steps, ended = decoder.slot_steps, store.add("evaluate/ended", 1)
+            if rank == 0 and time.perf_counter() - t0 - shown > 10:  # a line per 10 s keeps logs readable
+                progress(ended)
+                shown = time.perf_counter() - t0
+    if rank == 0 and steps:
+        progress(store.add("evaluate/ended", 0))
 
 
 def write_results(records, out, **meta):
@@ -417,29 +482,43 @@ def main(argv=None):
         sys.exit(f"error: --model {args.model}: {e}")
     examples = load_examples(args, tokenizer)
 
-    # --- processes: torchrun sets WORLD_SIZE; a plain `python evaluate.py` is one process, without a process group
+    # --- replies that an earlier run of this command wrote (under --out, as they ended): read before any process of
+    # this run appends to them, and reused
     cuda = torch.cuda.is_available()
+    dtype = args.dtype or ("bf16" if cuda else "fp32")
+    folder = Path(args.out) / "replies"
+    settings = generation_settings(args, model_dir, examples, dtype)
+    check_reusable(folder, settings)
+    reused = read_replies(folder)
+    # the longest prompts first, so that running out of memory happens at once
+    todo = [i for i in sorted(range(len(examples)), key=lambda i: (-len(examples[i]["prompt"]), i)) if i not in reused]
+
+    # --- processes: torchrun sets WORLD_SIZE; a plain `python evaluate.py` is one process, without a process group
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    dtype = args.dtype or ("bf16" if cuda else "fp32")
-    model = Qwen2.from_pretrained(model_dir, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device)
-    if args.compile:
-        model.compile_blocks()
+    if rank == 0:
+        if reused:
+            print(f"reusing {len(reused)} of {len(examples)} replies from {folder}")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "settings.tmp").write_text(json.dumps(settings, indent=1) + "\n")
+        (folder / "settings.tmp").replace(folder / "settings.json")
 
-    # --- generation. Prompts sorted by length fill batches with little padding; longest first, so that running out
-    # of memory happens at once. Whole batches are dealt to the processes: each is the batch a single process would
-    # run, so the replies are the same, bit for bit, whatever the number of processes.
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["prompt"]), i))
-    batches = [(b, order[k:k + args.batch_size]) for b, k in enumerate(range(0, len(order), args.batch_size))]
-    replies = generate_replies(model, tokenizer, examples, batches[rank::world], args, device, rank, world)
+    # --- generation: continuous batching over --batch-size slots; every process takes the next prompt as it frees a
+    # slot, and a reply is the same whichever process, slot and neighbours it gets
+    model = None
+    if todo:
+        model = Qwen2.from_pretrained(model_dir, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], device)
+        if args.compile:
+            model.compile_blocks()
     if dist.is_initialized():
-        parts = [None] * world if rank == 0 else None
-        dist.gather_object(replies, parts, dst=0)
-        replies = {i: reply for part in parts or [] for i, reply in part.items()}
+        dist.barrier()  # every process has read the replies before any appends to them
+    if todo:
+        generate_replies(model, tokenizer, examples, todo, args, folder, rank, world)
+    if dist.is_initialized():
         # Tear gloo down only once every rank is done with it, and with nothing left for interpreter shutdown to
         # collect: either race can end a finished run in "terminate called without an active exception"
         del model
@@ -448,16 +527,21 @@ def main(argv=None):
         dist.destroy_process_group()
     if rank != 0:
         return
+    replies = read_replies(folder)
 
     # --- scores and files, in the data's order
-    records = [{"id": ex["id"], "messages": ex["context"], "prediction": replies[i][0],
-                "reference": ex["messages"][ex["last"]]["content"], "finished": replies[i][1]}
+    records = [{"id": ex["id"], "messages": ex["context"], "prediction": replies[i]["prediction"],
+                "reference": ex["messages"][ex["last"]]["content"], "finished": replies[i]["finished"]}
                for i, ex in enumerate(examples)]
     meta = {k: getattr(args, k) for k in ("model", "data", "split", "holdout", "max_len", "max_prompt_len",
                                           "max_new_tokens", "temperature", "top_p", "seed")}
     ceiling = rouge_ceiling([r["reference"] for r in records], tokenizer, args.max_new_tokens)
+    # live-row decode steps over slots x steps, over the runs that made these replies (a measurement: it varies with
+    # the number of processes and with where a crash cut a run)
+    utilization = sum(r["tokens"] for r in replies.values()) / sum(r["slot_steps"] for r in replies.values())
     write_results(records, Path(args.out), **meta, dtype=dtype, unfinished=sum(not r["finished"] for r in records),
-                  ceiling_stemmed=ceiling)
+                  ceiling_stemmed=ceiling, decode_slot_utilization=utilization)
+    print(f"decode slot utilization {utilization:.1%}: live-row decode steps / (slots x steps), all processes")
     if args.write_data:
         write_seqkd_data(args.write_data, examples, records)
 

@@ -58,6 +58,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from data import IGNORE, Batches
 from deltakd import delta_kd_loss
+from model import Decoder, sample, seed_of
 
 CLIP = 0.2  # PPO's clip on rho, as MiniLLM's scripts
 REWARD_CLIP = 100.0
@@ -68,12 +69,6 @@ def prompt_of(example):
     supervised = np.asarray(example["labels"]) != IGNORE
     starts = np.flatnonzero(supervised & ~np.r_[False, supervised[:-1]])
     return [int(t) for t in example["input_ids"][:starts[-1]]]
-
-
-def seed_of(*parts):
-    """One sampling seed per prompt, from the run's seed, the step or phase, and the example: the same replies for
-    any number of processes and however a step is laid out."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
 
 
 @contextlib.contextmanager
@@ -98,37 +93,26 @@ def gathered(*models):
 def sample_replies(student, prompts, seeds, limits, stop_ids, vocab_size, teacher=None, mix=0.0, shape=None):
     """One reply per prompt (a list of token ids), drawn token by token from p~ = (1 - mix) q + mix p at temperature
     1, over the tokenizer's ids only (never an lm_head padding row), until a stop id or the prompt's limit of new
-    tokens. Each row has its own generator seeded by `seeds`. Returns per row {tokens, log_q, log_p, log_mix}: the
-    log-probabilities of each drawn token under the student, the teacher (the student's when there is none) and p~.
-    shape = (prompt width, cache's new tokens), at least this batch's; give every rank the same (reply_limits), and a
-    row sees the same padding and cache, so the same arithmetic, on any number of processes."""
-    B, dev = len(prompts), student.lm_head.weight.device
+    tokens. Row i draws with seeds[i] (model.sample's counter-based noise). Returns per row {tokens, log_q, log_p,
+    log_mix}: the log-probabilities of each drawn token under the student, the teacher (the student's when there is
+    none) and p~. The models decode together in one model.Decoder with a slot per prompt: every prompt starts at
+    once, and the rollout lasts as long as its longest reply whatever the slots do, so refilling could not make it
+    shorter. shape = (prompt width, new tokens), at least this batch's, sizes the cache: give every rank the same
+    (reply_limits), and a row sees the same cache, so the same arithmetic, on any number of processes."""
     T, N = shape or (max(map(len, prompts)), max(limits))
-    ids = torch.tensor([[stop_ids[0]] * (T - len(p)) + p for p in prompts], device=dev)  # (B, T), left-padded
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)  # (B, T)
-    gens = [torch.Generator(dev).manual_seed(s) for s in seeds]
-    s_logits, s_state = student.prefill(ids, mask, N)
-    t_logits, t_state = teacher.prefill(ids, mask, N) if teacher is not None else (None, None)
-    out = [{"tokens": [], "log_q": [], "log_p": [], "log_mix": []} for _ in range(B)]
-    live, tok = [n > 0 for n in limits], None
-    for n in range(N):
-        if not any(live):
-            break
-        if n:
-            s_logits = student.decode_step(s_state, tok)
-            t_logits = teacher.decode_step(t_state, tok) if teacher is not None else None
-        log_q = F.log_softmax(s_logits[:, :vocab_size].float(), -1)  # (B, V)
-        log_p = log_q if teacher is None else F.log_softmax(t_logits[:, :vocab_size].float(), -1)
+
+    def pick(logits, seeds, steps):
+        log_q = F.log_softmax(logits[0][:, :vocab_size].float(), -1)  # (B, V)
+        log_p = log_q if teacher is None else F.log_softmax(logits[1][:, :vocab_size].float(), -1)
         log_mix = log_q if mix == 0 else torch.logaddexp(log_q + math.log1p(-mix), log_p + math.log(mix))  # (4) p~
-        tok = torch.cat([torch.multinomial(log_mix[i].exp(), 1, generator=gens[i]) for i in range(B)])  # (B,)
-        picked = {k: v.gather(1, tok[:, None])[:, 0].tolist() for k, v in
-                  (("log_q", log_q), ("log_p", log_p), ("log_mix", log_mix))}
-        for i, t in enumerate(tok.tolist()):
-            if live[i]:
-                out[i]["tokens"].append(t)
-                for k in picked:
-                    out[i][k].append(picked[k][i])
-                live[i] = t not in stop_ids and len(out[i]["tokens"]) < limits[i]
+        tokens = sample(log_mix, 1.0, 1.0, seeds, steps)  # (B,)
+        return tokens, torch.stack([x.gather(1, tokens[:, None])[:, 0] for x in (log_q, log_p, log_mix)], 1)
+
+    models = [student] if teacher is None else [student, teacher]
+    decoder = Decoder(models, len(prompts), T + N, stop_ids, pick=pick)
+    out = [None] * len(prompts)
+    for i, tokens, values in decoder.run(zip(range(len(prompts)), prompts, limits, seeds)):
+        out[i] = {"tokens": tokens, **{k: [v[j] for v in values] for j, k in enumerate(("log_q", "log_p", "log_mix"))}}
     return out
 
 

@@ -2,26 +2,31 @@
 
 It computes what transformers' Qwen2ForCausalLM computes (RMSNorm in fp32, half-split RoPE, GQA with q/k/v biases,
 SwiGLU, tied embeddings), and its modules carry the checkpoint's tensor names, so weights load without a name map.
+Decoder generates with continuous batching over a fixed-shape KV cache, sampling by Gumbel-max with seeded noise.
 
 References: Qwen2 Technical Report (arXiv:2407.10671); RoFormer (arXiv:2104.09864); GQA (arXiv:2305.13245);
-transformers/models/qwen2/modeling_qwen2.py; nanoGPT and gpt-fast for the shape of the code.
+transformers/models/qwen2/modeling_qwen2.py; nanoGPT and gpt-fast for the shape of the code; Orca (Yu et al., OSDI
+2022) for continuous batching; the Gumbel-max trick (Maddison et al., arXiv:1411.0030).
 """
 import contextlib
 import functools
 import inspect
 import json
+import math
 import os
 import shutil
 import tempfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
@@ -173,19 +178,19 @@ class Qwen2Attention(nn.Module):
         # refuses (a graph break at every attention call)
         self.gqa = self.n_head > self.n_kv_head
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, slot=None):
-        # kv_cache (keys, values), each (B, Hkv, S, D): a prefill (slot None) writes slots [0, T); a decode step
-        # (T = 1) writes `slot`, a 0-dim tensor, and reads all S slots, masked. mask None: causal over this call's keys.
+    def forward(self, x, cos, sin, mask, kv_cache=None, pos=None):
+        # kv_cache (keys, values), each (B, Hkv, S, D): a prefill (pos None) writes [0, T); a decode step (T = 1)
+        # writes each row's key at its own index pos (B,) and reads all S, masked. mask None: causal over this call.
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None and slot is None:
+        if kv_cache is not None and pos is None:
             kv_cache[0][:, :, :T], kv_cache[1][:, :, :T] = k, v
-        elif kv_cache is not None:
-            kv_cache[0].index_copy_(2, slot.view(1), k)  # a tensor index: the same graph for every slot
-            kv_cache[1].index_copy_(2, slot.view(1), v)
+        elif kv_cache is not None:  # tensor indices, written in place: the same graph for every position
+            rows = torch.arange(B, device=pos.device)
+            kv_cache[0][rows, :, pos], kv_cache[1][rows, :, pos] = k[:, :, 0], v[:, :, 0]  # (B, Hkv, D) each
             k, v = kv_cache  # (B, Hkv, S, D)
         n_rep = self.n_head // self.n_kv_head
         if T == 1:  # decoding: fold the query heads onto their shared K/V head instead of repeating K/V
@@ -216,14 +221,14 @@ class Qwen2DecoderLayer(nn.Module):
         self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # keep only the block's input; recompute the rest in backward
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, slot=None):
+    def forward(self, x, cos, sin, mask, kv_cache=None, pos=None):
         # inside forward, so that a compiled block compiles the checkpoint too (torchtitan's order: AC, compile, FSDP)
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
-        return self._forward(x, cos, sin, mask, kv_cache, slot)
+        return self._forward(x, cos, sin, mask, kv_cache, pos)
 
-    def _forward(self, x, cos, sin, mask, kv_cache=None, slot=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, slot)
+    def _forward(self, x, cos, sin, mask, kv_cache=None, pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -234,21 +239,20 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, cos, sin, mask, kv_cache=None, slot=None):
+    def forward(self, input_ids, cos, sin, mask, kv_cache=None, pos=None):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], slot)
+            x = layer(x, cos, sin, mask, None if kv_cache is None else kv_cache[i], pos)
         return self.norm(x)
 
 
 @dataclass
 class DecodeState:
-    """What decoding carries from one token to the next. S = prompt length + max_new_tokens, fixed for the call."""
+    """One model's KV cache for B slots. A slot holds one sequence from cache index 0, so that a prompt is prefilled at
+    its own length (no padding); S, the positions per slot, is fixed for the whole generation."""
     cache: list  # per layer (keys, values), each (B, Hkv, S, D). Separate tensors: a compiled step writes its slot
     # in place, where slices of one (L, 2, ...) tensor would make torch.compile copy all of it at every layer
-    real: torch.Tensor  # (B, S) bool: the slots that hold a real token (left padding and future slots do not)
-    slot: torch.Tensor | None  # () long: the slot of the next token fed; None until the prefill
-    pos: torch.Tensor  # (B,) long: its RoPE position
+    pos: torch.Tensor  # (B,) long: each slot's length: where its next token goes, and that token's RoPE position
 
 
 class Qwen2(nn.Module):
@@ -257,6 +261,7 @@ class Qwen2(nn.Module):
         self.config = config
         self.model = Qwen2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.compiled_decode = None  # compile_blocks() sets it
         self.tie_weights()
 
     def tie_weights(self):
@@ -269,23 +274,26 @@ class Qwen2(nn.Module):
         cfg, dtype = self.config, self.model.embed_tokens.weight.dtype
         return rope_cos_sin(pos, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, dtype)
 
-    def forward(self, input_ids, attention_mask=None, state=None, logits_at=None):
+    def forward(self, input_ids, attention_mask=None, state=None, logits_at=None, slot=None):
         """Logits (B, T, V); with logits_at, a bool (B, T) mask, those positions' logits only, (N, V): a loss that
         skips prompts and padding needs no others, and the lm_head's matmul and the logits shrink by their share.
-        With a DecodeState (prefill and decode_step pass one), a decoding pass: the prompts'
-        prefill, which fills the state's cache, or one token per row at state.slot; either returns the last
-        logits (B, V). Decoding goes through here too, so that FSDP's hooks on the root see every pass."""
-        if state is not None and state.slot is not None:  # one new token per row, input_ids (B, 1)
-            state.real[:, state.slot] = True
+        With a DecodeState, a decoding pass (prefill and decode_step make them): with `slot`, a prompt (1, T) written
+        into that slot's rows of the cache, causal, at its own length (returns None); without, one token per slot
+        (B, 1), each at its slot's own position (returns the next logits (B, V)). Decoding goes through here too, so
+        that FSDP's hooks on the root see every pass."""
+        if state is not None and slot is None:
             cos, sin = self._rope(state.pos[:, None])  # (B, 1, 1, D)
-            logits = self._decode(input_ids, cos, sin, state.real, state.cache, state.slot)
-            state.slot += 1
-            state.pos += 1
+            # FSDP's hooks run at every wrapped block: a compiled step would trace into them and break there, so a
+            # sharded model steps eagerly over its compiled blocks (torchtitan's order: the hooks outside compiled code)
+            eager = isinstance(self, FSDPModule) or self.compiled_decode is None
+            logits = (self._decode if eager else self.compiled_decode)(input_ids, cos, sin, state.pos, state.cache)
+            state.pos.add_(1).clamp_(max=state.cache[0][0].size(2) - 1)  # an ended or empty slot rewrites its last
             return logits
         cos, sin = self._rope(position_ids(input_ids, attention_mask))
-        h = self.model(input_ids, cos, sin, attention_mask_4d(attention_mask), None if state is None else state.cache)
+        cache = None if state is None else [(k[slot:slot + 1], v[slot:slot + 1]) for k, v in state.cache]  # views
+        h = self.model(input_ids, cos, sin, attention_mask_4d(attention_mask), cache)
         if state is not None:
-            return self.lm_head(h[:, -1])  # (B, V)
+            return None
         return self.lm_head(h if logits_at is None else h[logits_at])  # (B, T, V) or (N, V)
 
     @torch.no_grad()
@@ -366,39 +374,38 @@ class Qwen2(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def new_state(self, slots, max_len):
+        """An empty KV cache of `slots` rows of max_len positions (the longest prompt and its reply)."""
+        cfg, w = self.config, self.model.embed_tokens.weight  # under FSDP, call it gathered: the compute dtype
+        shape = (slots, cfg.num_key_value_heads, max_len, cfg.hidden_size // cfg.num_attention_heads)
+        # zeros, not empty: a masked key's value is still multiplied by 0, and 0 * garbage could be NaN
+        zeros = functools.partial(torch.zeros, shape, dtype=w.dtype, device=w.device)
+        cache = [(zeros(), zeros()) for _ in range(cfg.num_hidden_layers)]
+        return DecodeState(cache, torch.zeros(slots, dtype=torch.long, device=w.device))
+
     @torch.no_grad()
-    def prefill(self, input_ids, attention_mask=None, max_new_tokens=0):
-        """Run left-padded prompts (B, T), keeping room for max_new_tokens more: (last logits (B, V), DecodeState)."""
-        B, T = input_ids.shape
-        if attention_mask is not None and not attention_mask[:, -1].all():
-            raise ValueError("decoding needs left-padded prompts with at least one token each")
-        cfg, dev = self.config, input_ids.device
-        pos = position_ids(input_ids, attention_mask)  # (B, T)
-        real = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
-        dtype = self.model.embed_tokens.weight.dtype
-        shape = (B, cfg.num_key_value_heads, T + max_new_tokens, cfg.hidden_size // cfg.num_attention_heads)
-        # zeros, not empty: 0 * an empty slot's garbage could be NaN
-        cache = [(torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev))
-                 for _ in range(cfg.num_hidden_layers)]
-        state = DecodeState(cache, F.pad(real, (0, max_new_tokens), value=False), None, pos[:, -1] + 1)
-        logits = self(input_ids, attention_mask, state=state)
-        state.slot = torch.tensor(T, device=dev)
-        return logits, state
+    def prefill(self, state, slot, ids):
+        """Write a prompt (a list of T ids) into positions [0, T) of one slot of the cache: causal, at its own length,
+        with no padding and no mask, so that the fused attention kernels apply. decode_step goes on from there."""
+        if len(ids):
+            self(torch.as_tensor(ids, device=state.pos.device)[None], state=state, slot=slot)
+        state.pos[slot] = len(ids)
 
     @torch.no_grad()
     def decode_step(self, state, tokens):
-        """Feed one token per row (B,) at state.slot: the next logits (B, V). The state moves on by one slot."""
+        """Feed one token per slot (B,), each at its slot's own position: the next logits (B, V)."""
         return self(tokens[:, None], state=state)
 
-    def _decode(self, input_ids, cos, sin, real, cache, slot):
+    def _decode(self, input_ids, cos, sin, pos, cache):
         # every shape here is fixed for the whole generation, so one compiled graph serves every token (gpt-fast)
-        h = self.model(input_ids, cos, sin, real[:, None, None, :], cache, slot)  # (B, 1, C)
+        keys = torch.arange(cache[0][0].size(2), device=pos.device) <= pos[:, None]  # (B, S): the slot's tokens so far
+        h = self.model(input_ids, cos, sin, keys[:, None, None, :], cache, pos)  # (B, 1, C)
         return self.lm_head(h[:, 0])  # (B, V)
 
     def compile_blocks(self, backend="inductor"):
-        """torch.compile each block (training, evaluation, prefill) and the one-token decode step (generation).
-        Call it after gradient checkpointing is set and before fully_shard: torchtitan's order, which keeps FSDP's
-        hooks outside the compiled code. backend: the tests trace with "eager", the same graphs without inductor's
+        """torch.compile each block (training, evaluation, prefill) and the one-token decode step (generation; a
+        model that FSDP wraps later decodes over its compiled blocks instead). Call it after gradient checkpointing
+        is set and before fully_shard: torchtitan's order, which keeps FSDP's hooks outside the compiled code. backend: the tests trace with "eager", the same graphs without inductor's
         kernels."""
         # Dynamo keeps its graphs per code object: the blocks of every model share forward's cache, and its
         # recompile_limit of 8 variants, past which it runs eagerly. Models differ in shapes, and each adds its own
@@ -410,43 +417,163 @@ class Qwen2(nn.Module):
         block = torch.compile(nn.Module._call_impl, backend=backend, dynamic=True, **isolated)  # dynamic: shapes vary
         for layer in self.model.layers:  # in place: the parameter names, and so the checkpoints, stay the same
             layer._compiled_call_impl = functools.partial(block, layer)  # what nn.Module.compile sets, shared
-        self._decode = torch.compile(self._decode, backend=backend)
+        self.compiled_decode = torch.compile(self._decode, backend=backend)
         return self
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
-                 eos_token_id=None, generator=None):
+                 eos_token_id=None, seed=0):
+        """Prompts (B, T), padded on either side, and their continuations: (B, T + max_new_tokens), a row's tokens
+        after its first eos id filled with the first eos id. Each row decodes in its own slot of a Decoder. seed: an
+        int (row i samples with seed_of(seed, i)) or one seed per row."""
         B, T = input_ids.shape
-        N, dev = max_new_tokens, input_ids.device
+        N = max_new_tokens
         if temperature < 0 or not 0 < top_p <= 1 or N < 0:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 0: got {temperature, top_p, N}")
-        eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=dev).reshape(-1)
-        out = torch.cat([input_ids, input_ids.new_zeros(B, N)], dim=1)  # (B, T+N); a normal tensor, trainable on
+        eos = [] if eos_token_id is None else torch.tensor(eos_token_id).reshape(-1).tolist()
+        real = [[True] * T] * B if attention_mask is None else attention_mask.bool().tolist()
+        prompts = [[t for t, keep in zip(row, keeps) if keep] for row, keeps in zip(input_ids.tolist(), real)]
+        if not all(prompts):
+            raise ValueError("decoding needs prompts with at least one token each")
+        seeds = [seed_of(seed, i) for i in range(B)] if isinstance(seed, int) else list(seed)
+        out = torch.cat([input_ids, input_ids.new_full((B, N), eos[0] if eos else 0)], dim=1)  # (B, T+N), trainable on
         with torch.inference_mode():  # lighter than no_grad per op, which adds up over many small decode steps
-            logits, state = self.prefill(input_ids, attention_mask, N)
-            done = torch.zeros(B, dtype=torch.bool, device=dev)
-            for s in range(T, T + N):  # s: the slot being filled
-                if s > T:
-                    logits = self.decode_step(state, out[:, s - 1])
-                tok = sample(logits, temperature, top_p, generator)  # (B,)
-                if eos is not None:
-                    tok = torch.where(done, eos[0], tok)
-                    done |= torch.isin(tok, eos)
-                out[:, s] = tok
-                if eos is not None and done.all():
-                    out[:, s + 1:] = eos[0]  # every row has finished: stop, still returning the full width
-                    break
+            decoder = Decoder([self], B, T + N, eos, temperature, top_p)
+            for i, tokens, _ in decoder.run(zip(range(B), prompts, [N] * B, seeds)):
+                out[i, T:T + len(tokens)] = torch.tensor(tokens)
         return out
 
 
-def sample(logits, temperature, top_p, generator=None):
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding many prompts: continuous batching, and sampling seeded per prompt
+
+class Decoder:
+    """Continuous batching (Orca, vLLM) over `slots` rows of a fixed-shape KV cache per model (gpt-fast's static
+    cache). A step feeds one token per slot to every model, the same shapes at every token (one compiled graph), and
+    `pick` chooses every row's next token in one call. A row ends at a stop id or at its own limit of new tokens; its
+    slot then takes the next prompt, prefilled at its own length. Tokens stay on the device: the host looks once per
+    `every` steps, in one copy (one sync), to learn which rows have ended. A row's steps after it ended and before the
+    host saw it are idle, and utilization counts them so: live-row steps / (slots x steps).
+
+    Several models can decode the same tokens (MiniLLM samples from a student-teacher mixture): pick(logits, seeds,
+    steps) -> (tokens (B,), values (B, F) or None), with one logits (B, V) per model, each row's prompt seed and the
+    number of tokens its reply has so far; the values (say, log-probabilities) come back with each token."""
+
+    def __init__(self, models, slots, max_len, stop_ids=(), temperature=0.0, top_p=1.0, pick=None, every=16):
+        self.models, self.slots, self.every, self.stop_ids = models, slots, every, set(stop_ids)
+        self.states = [m.new_state(slots, max_len) for m in models]
+        self.pick = pick or (lambda logits, seeds, steps: (sample(logits[0], temperature, top_p, seeds, steps), None))
+        dev = self.states[0].pos.device
+        self.stops = torch.tensor(list(stop_ids) or [-1], device=dev)
+        # per slot: the token it feeds next, its prompt's seed, its reply's length so far and limit, whether it ended
+        long = functools.partial(torch.zeros, slots, dtype=torch.long, device=dev)
+        self.tokens, self.seeds, self.n, self.limits = long(), long(), long(), long()
+        self.done = torch.ones(slots, dtype=torch.bool, device=dev)  # an empty slot counts as ended: it is not live
+        self.live_steps = self.slot_steps = 0
+
+    @property
+    def utilization(self):
+        return self.live_steps / max(self.slot_steps, 1)
+
+    def add(self, slot, prompt, limit, seed, twin=None):
+        if len(prompt) + limit - 1 > self.states[0].cache[0][0].size(2):  # the reply's last token is never fed
+            raise ValueError(f"a prompt of {len(prompt)} tokens and {limit} new ones do not fit the cache's "
+                             f"{self.states[0].cache[0][0].size(2)} positions")
+        for model, state in zip(self.models, self.states):
+            if twin is None:  # the prompt's last token is fed by the next step, which samples after it
+                model.prefill(state, slot, prompt[:-1])
+            else:  # the same prompt is in slot `twin` already: copy its rows, the very same values, for less work
+                for k, v in state.cache:
+                    k[slot], v[slot] = k[twin], v[twin]
+                state.pos[slot] = state.pos[twin]
+        self.tokens[slot], self.seeds[slot], self.n[slot], self.limits[slot] = prompt[-1], seed, 0, limit
+        self.done[slot] = False
+
+    def step(self):
+        logits = [model.decode_step(state, self.tokens) for model, state in zip(self.models, self.states)]
+        tokens, values = self.pick(logits, self.seeds, self.n)
+        live = ~self.done
+        self.n += live
+        self.done |= torch.isin(tokens, self.stops) | (self.n >= self.limits)
+        self.tokens = tokens
+        record = torch.where(live, tokens, -1)[:, None].double()  # (B, 1): the token, -1 for a row that had ended
+        return record if values is None else torch.cat([record, values.double()], 1)  # (B, 1 + F)
+
+    def run(self, work, refill=True):
+        """Decodes each (key, prompt, limit, seed) of `work`, taking the next one whenever a slot is free (refill=False:
+        only once every slot is, which is static batching). Yields (key, tokens, values) as each reply ends, its stop
+        id included."""
+        work, rows = iter(work), {}  # rows: slot -> (key, limit, tokens, values)
+        while True:
+            free = [s for s in range(self.slots) if s not in rows]
+            filling, added = refill or len(free) == self.slots, {}  # added: prompt -> its slot, this round
+            while filling and free and (item := next(work, None)) is not None:
+                key, prompt, limit, seed = item
+                if limit < 1:
+                    yield key, [], []
+                    continue
+                self.add(free[0], prompt, limit, seed, added.get(tuple(prompt)))
+                added[tuple(prompt)] = free[0]
+                rows[free.pop(0)] = (key, limit, [], [])
+            if not rows:
+                return
+            # no row outlives its limit: once the work runs out, the last steps stop there instead of idling on
+            k = min(self.every, max(limit - len(tokens) for _, limit, tokens, _ in rows.values()))
+            records = torch.stack([self.step() for _ in range(k)], 1).tolist()  # (B, k, 1 + F): the one sync
+            self.slot_steps += k * self.slots
+            for slot, steps in enumerate(records):
+                if slot not in rows:
+                    continue
+                key, limit, tokens, values = rows[slot]
+                for token, *value in steps:
+                    if token < 0:
+                        break
+                    tokens.append(int(token))
+                    values.append(value)
+                    self.live_steps += 1
+                    if tokens[-1] in self.stop_ids or len(tokens) == limit:
+                        del rows[slot]
+                        yield key, tokens, values
+                        break
+
+
+def seed_of(*parts):
+    """One sampling seed per prompt, from the run's seed and whatever names the prompt (a step or phase, an example):
+    the same replies for any number of processes and however the prompts are laid out."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _mul32(x, c):  # x * c mod 2^32, for x in [0, 2^32): in 16-bit halves of c, so that no int64 product overflows
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x):  # lowbias32 (C. Wellons' hash prospector): flip any input bit, and each output bit flips half the time
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel(seeds, steps, vocab_size):
+    """(B, V) standard Gumbel noise, counter-based: entry (b, v) is a hash of (seeds[b], steps[b], v), so a row's draw
+    depends on nothing else (not its slot, the batch, the other prompts or the process) and needs no generator."""
+    row = _hash32(_hash32(_hash32(seeds & 0xFFFFFFFF) ^ (seeds >> 32)) ^ (steps & 0xFFFFFFFF))  # (B,), seeds < 2^63
+    ids = _hash32(torch.arange(vocab_size, device=seeds.device))  # (V,)
+    u = (_hash32(row[:, None] ^ ids).double() + 0.5) / 2**32  # (B, V) uniform in (0, 1), 32 bits
+    return -torch.log(-torch.log(u))
+
+
+def sample(logits, temperature=0.0, top_p=1.0, seeds=None, steps=None):
+    """Each row's next token (B,): the argmax at temperature 0, else a draw from softmax(logits / temperature) cut to
+    its top-p nucleus. A draw is argmax(log p + Gumbel noise), which is distributed as p (the Gumbel-max trick), with
+    the noise of `gumbel`: one call for every row, each seeded by its prompt's seed and its reply's length so far.
+    Tokens rarer than about 1e-10 are drawn less often than that: the noise's uniforms have 32 bits."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, -1)  # (B, V)
     if top_p < 1:  # nucleus: the most likely tokens until their mass reaches top_p, at least one
-        p, idx = probs.sort(dim=-1, descending=True)
-        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        sorted_logp, idx = logp.sort(dim=-1, descending=True)
+        p = sorted_logp.exp()
+        logp = logp.scatter(-1, idx, sorted_logp.masked_fill(p.cumsum(-1) - p >= top_p, -math.inf))
+    return (logp + gumbel(seeds, steps, logp.size(-1))).argmax(-1)
 
 
 def resolve_model_dir(path_or_repo_id):

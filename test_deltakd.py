@@ -10,6 +10,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import unicodedata
@@ -40,7 +41,8 @@ import minillm
 import train
 from deltakd import delta_kd_loss
 from evaluate import corpus_rouge, main, porter_stem, rouge, tokenize, write_seqkd_data
-from model import Qwen2, Qwen2Config, attend, attention_mask_4d, load_weights, resolve_model_dir, rope_inv_freq, sample
+from model import (Decoder, Qwen2, Qwen2Config, attend, attention_mask_4d, load_weights, resolve_model_dir,
+                   rope_inv_freq, sample)
 
 REPO = Path(__file__).resolve().parent
 
@@ -520,22 +522,37 @@ def test_model_greedy_generation_follows_oracle_argmax(tmp_path, name):
 
 
 def test_model_decoding_steps_give_the_full_forward_logits(tmp_path):
-    """prefill + decode_step (a fixed-size cache, every slot attended under a mask) give, at each new token, the
-    logits that one full forward over the left-padded sequence gives; compiled, the same within 1e-5."""
+    """prefill (each prompt into its own slot, at its own length) + decode_step (a fixed-size cache, every position
+    attended under a mask, each slot at its own position) give, at each new token, the logits that a full forward of
+    that row alone gives; also in a slot refilled with a shorter prompt, over what the last one left in the cache.
+    Compiled, the same within 1e-5."""
     ours, _ = _model_pair(tmp_path, "tied-gqa")
-    ids, mask = _model_left_pad([[5, 9, 1, 33, 7], [4, 90, 2], [17]])
+    prompts = [[5, 9, 1, 33, 7], [4, 90, 2], [17]]
     new = torch.tensor([[3, 8, 11, 60], [12, 12, 5, 1], [40, 2, 9, 9]])  # (B, 4) tokens fed one at a time
-    full = ours(torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1))[:, ids.size(1) - 1:]
+    refill, refill_new = [8, 6], [21, 3]  # slot 1's next prompt, prefilled after the 5 steps
+    full = lambda row: ours(torch.tensor([row]))[0]
     compiled = Qwen2(ours.config).eval()
     compiled.load_state_dict(ours.state_dict())
     compiled.compile_blocks()
-    for model, atol in ((ours, 1e-5), (compiled, 1e-5)):
-        logits, state = model.prefill(ids, mask, max_new_tokens=new.size(1))
-        steps = [logits] + [model.decode_step(state, new[:, k]) for k in range(new.size(1))]
-        torch.testing.assert_close(torch.stack(steps, 1), full, atol=atol, rtol=0)
-        assert torch.equal(state.real, torch.cat([mask, torch.ones_like(new)], 1).bool())  # padding stays unseen
-        assert state.slot.item() == ids.size(1) + new.size(1) and state.pos.tolist() == [9, 7, 5]
+    for model in (ours, compiled):
+        state = model.new_state(3, 10)
+        for slot, p in enumerate(prompts):
+            model.prefill(state, slot, p[:-1])  # the last prompt token is the first one fed
+        feed = torch.cat([torch.tensor([p[-1] for p in prompts])[:, None], new], 1)  # (B, 5)
+        steps = torch.stack([model.decode_step(state, feed[:, k]) for k in range(5)], 1)  # (B, 5, V)
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(steps[i], full(p + new[i].tolist())[len(p) - 1:], atol=1e-5, rtol=0)
+        assert state.pos.tolist() == [9, 7, 5]
+        model.prefill(state, 1, refill[:-1])
+        feed = torch.tensor([[0, t, 0] for t in refill[-1:] + refill_new])
+        steps = torch.stack([model.decode_step(state, f)[1] for f in feed])  # the other slots run on, unread
+        torch.testing.assert_close(steps, full(refill + refill_new)[len(refill) - 1:], atol=1e-5, rtol=0)
+        assert state.pos.tolist() == [9, 4, 8]
+        for _ in range(3):  # past the cache's end, a slot keeps rewriting its last position, within bounds
+            model.decode_step(state, torch.zeros(3, dtype=torch.long))
+        assert state.pos.tolist() == [9, 7, 9]
     # compiled greedy decoding picks, at every step, the eager model's best token (to 1e-4: a near-tie may go either way)
+    ids, mask = _model_left_pad(prompts)
     gen = compiled.generate(ids, mask, max_new_tokens=6)
     logits = ours(gen, torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1))[:, ids.size(1) - 1:-1]
     chosen = logits.gather(-1, gen[:, ids.size(1):, None])[..., 0]
@@ -543,24 +560,27 @@ def test_model_decoding_steps_give_the_full_forward_logits(tmp_path):
 
 
 def test_model_compiled_decode_step_writes_the_cache_in_place(tmp_path):
-    """The compiled decode step writes its slot into the cache in place. When the layers' caches were slices of one
-    (L, 2, ...) tensor, torch.compile copied all of it at every layer: L x the whole cache per token, some 200 GB
-    for Qwen2.5-1.5B with 32 rows of 4096 slots. The step's generated code must allocate nothing as large as one
-    layer's keys."""
+    """The compiled decode step writes each slot's position into the cache in place. When the layers' caches were
+    slices of one (L, 2, ...) tensor, torch.compile copied all of it at every layer: L x the whole cache per token,
+    some 200 GB for Qwen2.5-1.5B with 32 rows of 4096 positions. The step's generated code must allocate nothing as
+    large as one layer's keys."""
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
     ours, _ = _model_pair(tmp_path, "tied-gqa")
     ours.eval().compile_blocks()
-    ids, mask = _model_left_pad([[5, 9, 1, 33, 7], [4, 90, 2]])
     with torch.inference_mode(), inductor_config.patch(fx_graph_cache=False):  # a cached graph has no code to read
-        logits, state = ours.prefill(ids, mask, max_new_tokens=500)
-        _, code = run_and_get_code(ours.decode_step, state, logits.argmax(-1))
+        state = ours.new_state(2, 500)
+        ours.prefill(state, 0, [5, 9, 1, 33])
+        ours.prefill(state, 1, [4, 90])
+        _, code = run_and_get_code(ours.decode_step, state, torch.tensor([7, 2]))
     keys = state.cache[0][0]
     shapes = re.findall(r"empty_strided_cpu\(\(([\d, ]*)\)", "\n".join(code))
     sizes = [math.prod(int(n) for n in s.split(",") if n.strip()) for s in shapes]
     assert sizes, "found no allocation in the generated code: the pattern needs updating"
     assert max(sizes) < keys.numel(), (max(sizes), keys.shape)
     assert all(k._base is None and v._base is None for k, v in state.cache)
+    assert keys[0, :, 4].abs().sum() > 0 and keys[1, :, 2].abs().sum() > 0  # each slot wrote at its own position
+    assert keys[0, :, 5:].abs().sum() == 0 and keys[1, :, 3:].abs().sum() == 0
 
 
 def test_model_masked_attention_repeats_kv_and_equals_enable_gqa():
@@ -672,16 +692,123 @@ def test_model_sampling(tmp_path):
     assert torch.equal(tiny_p, greedy)  # the nucleus of a tiny top_p is the argmax alone
 
     def run(seed):
-        return ours.generate(ids, max_new_tokens=8, temperature=1.5, generator=torch.Generator().manual_seed(seed))
+        return ours.generate(ids, max_new_tokens=8, temperature=1.5, seed=seed)
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    # Gumbel-max over counter-based noise draws from softmax(logits / T): n rows of the same logits, one seed each,
+    # against the float64 softmax by a chi-square test (cells expecting 5 or more; 100 is p < 1e-6 at their ~35
+    # degrees of freedom), far from the softmax at another temperature, so that the test can tell
+    n, g = 20000, torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 50, generator=g, dtype=torch.float64) * 2
+    seeds, step0 = torch.tensor([minillm.seed_of(5, i) for i in range(n)]), torch.zeros(n, dtype=torch.long)
+
+    def chi2(drawn, p):
+        counts, expected = torch.bincount(drawn, minlength=50).double(), n * p
+        big = expected >= 5  # the others pooled into one cell
+        counts, expected = (torch.cat([x[big], x[~big].sum()[None]][:1 + bool((~big).any())])
+                            for x in (counts, expected))
+        return ((counts - expected) ** 2 / expected).sum().item()
+    for T in (1.0, 0.7):
+        drawn = sample(logits[0].float().expand(n, -1), T, 1.0, seeds, step0)
+        assert chi2(drawn, torch.softmax(logits[0] / T, -1)) < 100
+        assert chi2(drawn, torch.softmax(logits[0] / (1.5 * T), -1)) > 300
+    # the next step's noise is new: two steps agree as often as two independent draws do, sum of p^2
+    p = torch.softmax(logits[0], -1)
+    same = (sample(logits[0].expand(n, -1), 1.0, 1.0, seeds, step0) == sample(logits[0].expand(n, -1), 1.0, 1.0,
+                                                                                 seeds, step0 + 1)).double().mean()
+    assert abs(same - (p ** 2).sum()) < 5 * ((p ** 2).sum() / n) ** 0.5
     # top-p keeps the most likely tokens until their mass reaches p; check against a float64 formula
-    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
     p = torch.softmax(logits, -1)
     for i in range(2):
         sp, order = p[i].sort(descending=True)
         nucleus = set(order[:int((sp.cumsum(0) < 0.6).sum()) + 1].tolist())
-        drawn = sample(logits[i:i + 1].float().expand(2000, -1), 1.0, 0.6, torch.Generator().manual_seed(i))
+        drawn = sample(logits[i:i + 1].float().expand(2000, -1), 1.0, 0.6, seeds[:2000], step0[:2000])
         assert set(drawn.tolist()) == nucleus
+
+
+def _model_greedy_oracle(hf, prompt, limit, stops):
+    """Greedy decoding by full forwards of transformers' model, one per token, without any cache."""
+    seq = list(prompt)
+    while len(seq) - len(prompt) < limit and (len(seq) == len(prompt) or seq[-1] not in stops):
+        seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_model_continuous_batching_equals_static_batching_greedy(tmp_path):
+    """Continuous batching (2 slots, each refilled as its row ends) gives, token for token, the replies of static
+    batching (3 slots filled together), of generate(), and of transformers' model decoding each prompt alone by full
+    forwards. In float64, where the two models agree to ~1e-14, so that no near-tie can flip; in fp32 and bf16 the
+    batched step's rounding depends on the batch, and a reply may differ where two tokens' logits nearly tie."""
+    ours, hf = (m.double() for m in _model_pair(tmp_path, "untied-mqa"))
+    prompts = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15], [3], [70, 71], [8, 1, 2, 3, 4, 5]]
+    limits = [12, 3, 9, 12, 7, 1]
+    free = [_model_greedy_oracle(hf, p, n, ()) for p, n in zip(prompts, limits)]
+    stop = free[0][4]  # a token that ends the first reply early, and perhaps others
+    oracle = {k: _model_greedy_oracle(hf, p, n, (stop,)) for k, (p, n) in enumerate(zip(prompts, limits))}
+    assert len(oracle[0]) == 5 and oracle[0] != free[0]  # the stop id ended a reply
+
+    def replies(slots, refill, every=16):
+        decoder = Decoder([ours], slots, 8 + 12, [stop], every=every)
+        ended = [(k, tokens) for k, tokens, _ in decoder.run(((k, p, n, 0) for k, (p, n) in
+                                                              enumerate(zip(prompts, limits))), refill)]
+        assert decoder.live_steps == sum(map(len, oracle.values()))  # one live step per reply token
+        return dict(ended), [k for k, _ in ended], decoder.utilization
+    continuous, order, used = replies(2, True, every=4)  # the host looks every 4 steps: rows end out of order
+    static, _, used_static = replies(3, False)
+    assert continuous == static == oracle
+    assert order[:2] == [1, 0] and used > used_static  # reply 1 ended first, and its slot took prompt 2
+    ids, mask = _model_left_pad(prompts)
+    out = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=stop)
+    for k, reply in oracle.items():
+        assert out[k, ids.size(1):ids.size(1) + len(reply)].tolist() == reply
+    with pytest.raises(ValueError, match="a prompt of 3 tokens and 4 new ones do not fit the cache's 5 positions"):
+        list(Decoder([ours], 1, 5).run([(0, [1, 2, 3], 4, 0)]))
+
+
+def test_model_sampled_replies_do_not_depend_on_slot_batch_or_other_prompts(tmp_path):
+    """A prompt's sampled reply depends on its seed alone: not on its slot, the number of slots, the other prompts or
+    their order (float64: no near-tie can flip). Another seed gives another reply, and none is the greedy one."""
+    ours = _model_pair(tmp_path, "tied-gqa")[0].double()
+    prompts = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15], [3], [70, 71], [8, 1, 2, 3, 4, 5],
+               [60, 61, 62], [9]]
+
+    def replies(keys, slots, seed=7, temperature=1.0):
+        decoder = Decoder([ours], slots, 8 + 10, [96], temperature, top_p=0.9)
+        return {k: tokens for k, tokens, _ in decoder.run((k, prompts[k], 10, minillm.seed_of(seed, k)) for k in keys)}
+    alone = replies([0, 1, 2, 3, 4, 5], 2)
+    assert {k: v for k, v in replies([5, 3, 0, 7, 1, 4, 2, 6], 4).items() if k in alone} == alone
+    assert replies([2], 1) == {2: alone[2]}
+    other, greedy = replies(range(6), 3, seed=8), replies(range(6), 3, temperature=0.0)
+    assert all(other[k] != alone[k] and greedy[k] != alone[k] for k in alone)
+
+
+def test_model_decoder_counts_utilization_honestly():
+    """Decoder.run's own count, over bench.py's stand-in that ends each row at its limit. Static batching: the sum of
+    the lengths over slots x each batch's longest. Continuous batching, worked by hand (2 slots, a look every 16
+    steps): rows of 5 and 40 run 16 steps, the first idle after its 5th until the host sees it end; its slot takes
+    the row of 17, which runs 16 and then 1 step of the last 8, when the row of 40 ends: 62 live of 2 x 40."""
+    from bench import _Scheduled
+    lengths = [5, 40, 17, 3, 33, 16, 1, 70]
+    static = _Scheduled(3)
+    assert [k for k, _, _ in static.run(((k, [0], n, 0) for k, n in enumerate(lengths)), refill=False)] == \
+        [0, 2, 1, 3, 5, 4, 6, 7]
+    assert static.utilization == sum(lengths) / (3 * (40 + 33 + 70))
+    continuous = _Scheduled(2)
+    assert [k for k, _, _ in continuous.run((k, [0], n, 0) for k, n in enumerate(lengths[:3]))] == [0, 2, 1]
+    assert (continuous.live_steps, continuous.slot_steps) == (62, 80)
+
+
+def test_model_decoding_syncs_once_per_16_steps(tmp_path):
+    """The host waits for the device once per 16 decode steps, one .tolist() of the steps' records (plus a last,
+    shorter look at the end), sampling with top-p included: the count a GPU would see."""
+    from bench import HostSyncs
+    ours = _model_pair(tmp_path, "tied-gqa")[0]
+    prompts = [[5, 9, 1, 33], [4, 4, 90], [11, 12], [3], [70, 71, 72, 73, 74], [8, 1]]
+    decoder = Decoder([ours], 3, 5 + 40, temperature=1.0, top_p=0.9)
+    with torch.inference_mode(), HostSyncs() as syncs:
+        replies = list(decoder.run((k, p, 20 + 4 * k, k) for k, p in enumerate(prompts)))
+    steps = decoder.slot_steps // 3
+    assert len(replies) == 6 and steps >= 40
+    assert set(syncs.counts) == {".tolist()"} and syncs.total <= steps // 16 + 1, (syncs.counts, steps)
 
 
 def _model_tokenizer_files(folder):
@@ -2413,6 +2540,49 @@ def test_minillm_teacher_mixed_sampling_draws_from_the_mixture():
         assert r["log_mix"][0] == pytest.approx(math.log(0.8 * q[t] + 0.2 * p[t]), abs=1e-5)
 
 
+def test_minillm_sample_replies_against_a_sampler_without_cache():
+    """sample_replies (a model.Decoder: KV caches, a slot per prompt, a repeated prompt's cache rows copied, the
+    records read back once per 16 steps) draws the same tokens, with the same log-probabilities, as a sampler written
+    out token by token: full forwards of both models over the prompt and the reply so far, the mixture in float64, and
+    the same counter-based noise (model.gumbel) for the same seeds. The host waits on the device once per 16 steps."""
+    from bench import HostSyncs
+    from model import gumbel
+    vocab, stop, mix = 40, 39, 0.3
+
+    def model(seed):
+        torch.manual_seed(seed)
+        m = Qwen2(Qwen2Config(vocab_size=vocab + 3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, rope_theta=1e6, initializer_range=0.5))
+        m.init_weights()
+        return m  # three lm_head rows past the tokenizer's ids, which are never drawn
+    student, teacher = model(1), model(2)
+    prompts, seeds, limits = [[1, 2], [3], [1, 2], [2, 0, 1, 3], [1, 2]], [11, 12, 13, 14, 11], [30, 30, 5, 30, 30]
+    with HostSyncs() as syncs:
+        drawn = minillm.sample_replies(student, prompts, seeds, limits, [stop], vocab, teacher, mix)
+
+    def by_hand(prompt, seed, limit):
+        out = {"tokens": [], "log_q": [], "log_p": [], "log_mix": []}
+        while len(out["tokens"]) < limit and stop not in out["tokens"]:
+            with torch.no_grad():
+                q, p = (torch.log_softmax(m(torch.tensor([prompt + out["tokens"]]))[0, -1, :vocab].double(), -1)
+                        for m in (student, teacher))
+            m = torch.logaddexp(q + math.log1p(-mix), p + math.log(mix))
+            token = int((m + gumbel(torch.tensor([seed]), torch.tensor([len(out["tokens"])]), vocab)[0]).argmax())
+            for k, x in (("tokens", token), ("log_q", q[token]), ("log_p", p[token]), ("log_mix", m[token])):
+                out[k].append(x if k == "tokens" else x.item())
+        return out
+    lengths = []
+    for reply, prompt, seed, limit in zip(drawn, prompts, seeds, limits):
+        want = by_hand(prompt, seed, limit)
+        assert reply["tokens"] == want["tokens"]
+        for k in ("log_q", "log_p", "log_mix"):
+            assert reply[k] == pytest.approx(want[k], abs=1e-5)
+        lengths.append(len(reply["tokens"]))
+    assert drawn[0] == drawn[4] and drawn[0] != drawn[2]  # the same prompt and seed, the same reply; another seed
+    assert max(lengths) > 16 and min(lengths) < 30 and lengths[2] == 5  # stopped, cut, and over 16 steps
+    assert set(syncs.counts) == {".tolist()"} and syncs.total <= max(lengths) // 16 + 1, syncs.counts
+
+
 def test_minillm_single_step_term_is_the_token_level_reverse_kl():
     """MiniLLM's single-step term is delta_kd_loss(rkl, alpha=0, lam=0): sum over positions of KL(q || p) over the
     first vocab_size ids, divided by num_tokens, against a float64 formula; the teacher's lm_head may be longer."""
@@ -2667,9 +2837,13 @@ def _eval_run(root, out, *args, torchrun=False, max_new_tokens=24):
 
 
 def _eval_read(out):
+    """predictions.jsonl's rows and summary.json, less decode_slot_utilization: a measurement of the run's schedule,
+    which differs between runs (processes, a crash) whose replies and scores must not."""
     text = (out / "predictions.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.split("\n") if line]  # not splitlines(): U+2028 may be in a reply
-    return rows, json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("decode_slot_utilization", None)
+    return rows, summary
 
 
 def _eval_scorer(use_stemmer):
@@ -2705,6 +2879,8 @@ def test_eval_cli_writes_consistent_predictions_and_summary(_eval_env):
         assert summary[f"mean_{field}_tokens"] == pytest.approx(
             sum(len(rouge_score_tokenize.tokenize(r[field], None)) for r in rows) / len(rows), rel=1e-12)
     assert summary["examples"] == len(chats) and summary["model"].endswith("model") and summary["dtype"] == "fp32"
+    used = json.loads((_eval_env["ref"] / "summary.json").read_text())["decode_slot_utilization"]
+    assert 0 < used <= 1 and f"decode slot utilization {used:.1%}" in _eval_env["stdout"]
     table = _eval_env["stdout"]
     assert "R-1" in table and "R-L" in table and "stemmed" in table
     assert f"{100 * summary['rouge']['rougeL']:.2f}" in table
@@ -2736,17 +2912,78 @@ def test_eval_cli_two_processes_equal_one(_eval_env):
     assert _eval_read(_eval_env["root"] / "two") == _eval_read(_eval_env["ref"])
 
 
-def test_eval_cli_sampling_is_seeded_per_batch(_eval_env, tmp_path):
-    """Sampled replies come from one generator per batch, seeded by --seed and the batch's number: the same for one
-    process or two, and not the greedy ones."""
-    root, args = _eval_env["root"], ["--batch-size", "4", "--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]
+def test_eval_cli_sampling_is_seeded_per_prompt(_eval_env, tmp_path):
+    """A sampled reply comes from its prompt's own seed (--seed and its index): the same from one process with 4 slots
+    as from two processes with 3, whose slots take other prompts side by side; and not the greedy one."""
+    root, args = _eval_env["root"], ["--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]
     model = ["--model", str(root / "random")]  # near-uniform over ~400 ids: sampled replies are not the greedy ones
-    main([*model, "--data", str(root / "test.jsonl"), "--max-new-tokens", "24", "--out", str(tmp_path / "one"), *args])
-    _eval_run(root, tmp_path / "two", *args, *model, torchrun=True)
+    main([*model, "--data", str(root / "test.jsonl"), "--max-new-tokens", "24", "--out", str(tmp_path / "one"),
+          "--batch-size", "4", *args])
+    _eval_run(root, tmp_path / "two", "--batch-size", "3", *args, *model, torchrun=True)
     _eval_run(root, tmp_path / "greedy", "--batch-size", "4", *model)
     assert _eval_read(tmp_path / "one") == _eval_read(tmp_path / "two")
     assert [r["prediction"] for r in _eval_read(tmp_path / "one")[0]] != \
         [r["prediction"] for r in _eval_read(tmp_path / "greedy")[0]]
+
+
+def test_eval_cli_resumes_after_a_crash(_eval_env, tmp_path, capsys):
+    """A run killed (SIGKILL) just after its 5th reply reached the disk, in the middle of writing its 6th, and run again
+    with the same command, reuses the 5, makes the cut one again, and ends with predictions.jsonl and SeqKD data
+    byte for byte those of an uninterrupted run, and the same summary.json but for the measured utilization."""
+    root, out = _eval_env["root"], tmp_path / "out"
+    args = ["--model", str(root / "model"), "--data", str(root / "test.jsonl"), "--max-new-tokens", "24",
+            "--batch-size", "4", "--out", str(out), "--write-data", str(tmp_path / "seqkd.jsonl")]
+    crash = ("import json, os, signal, sys, evaluate\n"
+             "append, written = evaluate.append_reply, []\n"
+             "def crashing(f, record):\n"
+             "    if len(written) == 5:  # the 6th reply: half a line reaches the disk, then the process dies\n"
+             "        f.write(json.dumps(record)[:30]); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    append(f, record); written.append(record)\n"
+             "evaluate.append_reply = crashing\n"
+             "evaluate.main(sys.argv[1:])\n")
+    run = subprocess.run([sys.executable, "-c", crash, *args], cwd=REPO, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    lines = (out / "replies" / "rank-0.jsonl").read_bytes().split(b"\n")
+    assert len(lines) == 6 and lines[-1] and not (out / "predictions.jsonl").exists()  # 5 whole lines, a cut one
+    rerun = _eval_run(root, out, *args[4:])
+    assert f"reusing 5 of {len(_eval_env['chats'])} replies" in rerun.stdout
+    for name in ("predictions.jsonl", "summary.json"):
+        assert (out / name).exists()
+    assert (out / "predictions.jsonl").read_bytes() == (_eval_env["ref"] / "predictions.jsonl").read_bytes()
+    assert (tmp_path / "seqkd.jsonl").read_bytes() == (root / "seqkd.jsonl").read_bytes()
+    assert _eval_read(out)[1] == _eval_read(_eval_env["ref"])[1]
+    written = [json.loads(line) for line in (out / "replies" / "rank-0.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in written) == list(range(len(_eval_env["chats"])))  # each once, the cut one redone
+    # run once more: every reply is reused, nothing decoded, and summary.json (utilization too) stays the same
+    before = (out / "summary.json").read_bytes()
+    main(args)
+    again = capsys.readouterr()
+    assert f"reusing {len(written)} of {len(written)} replies" in again.out and "examples/s" not in again.err
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_eval_cli_refuses_another_command_in_the_same_out(_eval_env, capsys):
+    """The reference run's --out holds its replies: a command that would make other replies is refused, in one line
+    naming what differs, before any work; one that only decodes differently (--batch-size) reuses them."""
+    root, ref = _eval_env["root"], _eval_env["ref"]
+    args = ["--model", str(root / "model"), "--data", str(root / "test.jsonl"), "--max-new-tokens", "24",
+            "--out", str(ref)]
+    before = {p: p.read_bytes() for p in ref.rglob("*") if p.is_file()}
+    for extra, why in ((["--temperature", "0.5"], "--temperature 0.0, not 0.5"),
+                       (["--max-new-tokens", "12"], "--max-new-tokens 24, not 12"),
+                       (["--seed", "1"], "--seed 0, not 1"), (["--max-examples", "3"], "--max-examples None, not 3"),
+                       (["--dtype", "bf16"], "--dtype fp32, not bf16")):
+        with pytest.raises(SystemExit) as e:
+            main(args + extra)
+        assert re.fullmatch(f"error: {re.escape(str(ref / 'replies'))} holds replies made with {why}: give another "
+                            f"--out, or delete .* to start again", str(e.value)), str(e.value)
+    with pytest.raises(SystemExit, match=r"^error: .* holds replies made with --model .*/model, not .*/random: give"):
+        main([*args, "--model", str(root / "random")])
+    assert {p: p.read_bytes() for p in ref.rglob("*") if p.is_file()} == before
+    main([*args, "--batch-size", "7", "--out", str(ref)])  # the same replies: all reused, the same files
+    assert "reusing" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in ref.rglob("*") if p.is_file()} == before
 
 
 def test_eval_cli_scores_saved_predictions(_eval_env, tmp_path):

@@ -606,10 +606,10 @@ def test_model_masked_attention_repeats_kv_and_equals_enable_gqa():
 
 def test_model_compiled_blocks_have_no_graph_break_and_one_graph_per_variant(tmp_path):
     """Blocks compiled as train.build compiles them (before fully_shard), on a world of one: a student's training
-    with and without activation checkpointing, and a frozen teacher of other head counts in a forward and a
-    left-padded prefill, each trace into one graph with no break, shared by every layer of its model. (Under FSDP,
-    dynamo makes the blocks' int attributes symbolic: enable_gqa computed in forward was a SymBool, and broke the
-    graph at every attention call.) The graphs agree with eager. Handed to the eager backend: dynamo's graphs, guards
+    with and without activation checkpointing, and a frozen teacher of other head counts in a forward, a left-padded
+    forward, a prefill and a decode step, each trace into one graph with no break, shared by every layer of its model.
+    (Under FSDP, dynamo makes the blocks' int attributes symbolic: enable_gqa computed in forward was a SymBool, and
+    broke the graph at every attention call.) The graphs agree with eager. Handed to the eager backend: dynamo's graphs, guards
     and breaks are the same whatever backend compiles them, without inductor's minutes of compiling."""
     import torch.distributed as dist
     from torch._dynamo.utils import counters
@@ -644,12 +644,17 @@ def test_model_compiled_blocks_have_no_graph_break_and_one_graph_per_variant(tmp
             logits.sum().backward()
             torch.testing.assert_close(logits, expected["student"][0], rtol=0, atol=1e-5)
         assert all(p.grad is not None for p in student.parameters())
-        with torch.no_grad():  # frozen: a forward, and a left-padded prefill that writes a KV cache
+        with torch.no_grad():  # frozen: a forward, a left-padded forward, and a prefill that writes a KV cache
             torch.testing.assert_close(teacher(ids), expected["teacher"][0], rtol=0, atol=1e-5)
-            torch.testing.assert_close(teacher.prefill(ids, mask, max_new_tokens=2)[0], expected["teacher"][1],
+            torch.testing.assert_close(teacher(ids, mask)[:, -1], expected["teacher"][1], rtol=0, atol=1e-5)
+            state = teacher.new_state(1, ids.size(1))
+            teacher.prefill(state, 0, ids[0, :-1].tolist())  # row 0 has no padding
+            torch.testing.assert_close(teacher.decode_step(state, ids[0, -1:]), expected["teacher"][0][0, -1:],
                                        rtol=0, atol=1e-5)
         assert dict(counters["graph_break"]) == {}
-        assert counters["stats"]["unique_graphs"] == 4, "one graph per variant and model, whatever the layer count"
+        # one graph per variant and model, whatever the layer count: the student with and without checkpointing; the
+        # teacher's forward, padded forward, prefill (a KV cache) and decode step (T = 1, per-row positions)
+        assert counters["stats"]["unique_graphs"] == 6
     finally:
         dist.destroy_process_group()
 

@@ -370,10 +370,9 @@ def test_loss_default_chunking_splits_positions(monkeypatch):
     whole = delta_kd_loss(s, labels, t, t_raw, s_raw)
     (g_whole,) = torch.autograd.grad(whole, s)
     seen = []
-    chunk_log_probs = deltakd._chunk_log_probs
+    chunk = deltakd._chunk
     monkeypatch.setitem(deltakd._CHUNK_BYTES, "cpu", 4 * 13 * 3)  # three positions of 13 fp32 log-probs per chunk
-    monkeypatch.setattr(deltakd, "_chunk_log_probs", lambda x, rows, *a: seen.append(len(rows[0])) or
-                        chunk_log_probs(x, rows, *a))
+    monkeypatch.setattr(deltakd, "_chunk", lambda s, *a: seen.append(len(s)) or chunk(s, *a))
     chunked = delta_kd_loss(s, labels, t, t_raw, s_raw)
     (g_chunked,) = torch.autograd.grad(chunked, s)
     assert max(seen) == 3 and len(seen) > 5
@@ -2096,15 +2095,14 @@ def _mini_estimate(student, teacher, reply, mix):
         log_q, log_p = (_mini_token_log_probs(m, reply).numpy() for m in (student, teacher))
     log_mix = np.logaddexp(np.log1p(-mix) + log_q, np.log(mix) + log_p) if mix else log_q
     adv = minillm.advantages([log_p - log_q], length_norm=False, whiten=False)[0]
-    n = len(_MINI_PROMPT)
-    per_token = lambda values: minillm.shifted(torch.tensor([[0.0] * n + list(values)], dtype=torch.float64), 0.0)
-    ids, targets = torch.tensor([_MINI_PROMPT + reply]), minillm.shifted(torch.tensor([[-100] * n + reply]), -100)
+    ids, targets = torch.tensor([_MINI_PROMPT + reply]), torch.tensor(reply)
+    at = torch.arange(len(reply)) + len(_MINI_PROMPT) - 1  # the positions whose logits choose the reply's tokens
     student.zero_grad()
-    logits = student(ids)
+    logits = student(ids, logits_at=at)
     with torch.no_grad():
-        teacher_logits = teacher(ids)
-    pg = minillm.policy_loss(logits, targets, per_token(log_q), per_token(adv), per_token(np.exp(log_q - log_mix)),
-                             _MINI_VOCAB, 1.0, clip=math.inf)
+        teacher_logits = teacher(ids, logits_at=at)
+    pg = minillm.policy_loss(logits, targets, *map(torch.tensor, (log_q, adv, np.exp(log_q - log_mix))), _MINI_VOCAB,
+                             1.0, clip=math.inf)
     single = delta_kd_loss(logits, targets, teacher_logits, alpha=0.0, lam=0.0, divergence="rkl", num_tokens=1)
     (pg + single).backward()
     return _mini_grad(student)

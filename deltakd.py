@@ -66,10 +66,26 @@ Memory. The logits of a 152k vocabulary are the largest tensors of a KD step: 20
 each, and upcasting four of them to fp32 with autograd keeps about 16 such sizes alive. Here positions are processed
 in chunks: each chunk is upcast, its loss and its gradient (6) are computed at once, and the gradient is written into
 one buffer shaped like the student logits that backward returns (fp32 for fp16 inputs, whose range is too small for
-it). The peak added is that buffer plus a few fp32 chunks; a plain loss.backward() hands the buffer over uncopied.
-To go further, fuse the lm_head matmul into the loop (as Liger's fused linear cross-entropy does): take the student's
-hidden states and lm_head weight, compute each chunk's logits h @ W.T inside the loop, and accumulate dh = g @ W and
-dW += g.T @ h, so the student's full logits never exist.
+it). The peak added is that buffer plus a few fp32 chunks. Backward multiplies the buffer in place by the gradient it
+receives and hands it over uncopied: a scaled loss (lam * loss) costs no second buffer, and a plain loss.backward(),
+which passes exactly 1, changes nothing. To go further, fuse the lm_head matmul into the loop (as Liger's fused
+linear cross-entropy does): take the student's hidden states and lm_head weight, compute each chunk's logits h @ W.T
+inside the loop, and accumulate dh = g @ W and dW += g.T @ h, so the student's full logits never exist.
+
+Memory traffic. Eagerly, every step of a chunk reads and writes whole fp32 (chunk, vocab) tensors: about 80 passes
+over one such tensor per chunk (bench.py loss counts them from the aten ops), so the loss is bound by memory
+bandwidth, not by arithmetic. fused=True runs the same chunk function (_chunk) compiled whole, for one fixed shape
+(the last chunk is padded with rows that count 0): its loops read each model's logits a few times and do every
+step's arithmetic there, about 10 passes, plus 8 around it for gathering the rows and writing the gradient. It is
+used by default from vocab_size 32,768 up, where compiling (10-30 s on a CPU, once per process and setting) is repaid
+in a few calls; a toy vocabulary's call takes milliseconds and stays eager. Compiled code cannot run under a dispatch
+mode (FakeTensorMode, bench.py's counters), so there the default is eager too.
+
+Host syncs. Searching for the counted positions (labels != ignore_index) makes the host wait for the device: their
+number decides the shapes that follow, so on a GPU every queued kernel must finish first, and the next model's work
+starts on an idle device. A trainer that knows them passes `positions` (train.py takes them from the labels on the
+host, where they cost nothing); then nothing here waits: the labels are checked on the device (torch._assert_async),
+and backward scales the gradient on the device.
 """
 
 import torch
@@ -82,10 +98,7 @@ _LOG_ZERO = -1e30  # stands in for log 0: finite, so -inf - -inf is not NaN and 
 # On a GPU, larger: at V = 151,665 a 16 MiB chunk is 27 positions, about 4.5k kernel launches per 2 x 2048 tokens;
 # 64 MiB is 110 positions, and the chunks stay well under the one logits tensor that the gradient buffer adds.
 _CHUNK_BYTES = {"cpu": 16 * 2**20, "other": 64 * 2**20}
-# fused=None compiles the chunk at this vocabulary size and above: real LLM vocabularies, where the loss is a
-# measurable part of a step and the compile (about 10 s on a CPU, once per process) is repaid within a few calls.
-# Toy vocabularies stay eager: there a call takes milliseconds and the compile would dominate a short run.
-_FUSED_MIN_VOCAB = 32768
+_FUSED_MIN_VOCAB = 32768  # fused=None compiles the chunks of real LLM vocabularies only (see "Memory traffic")
 
 
 @torch.compiler.disable  # a Python loop over chunks (and a data-dependent count without `positions`): no graph
@@ -104,7 +117,7 @@ def delta_kd_loss(student_logits, labels, teacher_logits, teacher_raw_logits=Non
     Keywords: positions, the flat indices into labels' shape of the counted positions, saves the loss searching for
     them (see "Host syncs"): compute them where it costs nothing, from the labels on the host; with logits already
     cut to the counted positions, torch.arange(len(labels)). Out-of-range labels are then caught on the device.
-    fused compiles each chunk's body into one kernel (see "Memory"); by default at vocab_size >= _FUSED_MIN_VOCAB.
+    fused compiles each chunk's body (see "Memory traffic"); by default at vocab_size >= _FUSED_MIN_VOCAB.
     chunk_size sets the positions per chunk (by default as many as fit _CHUNK_BYTES for the device). With
     return_parts=True the result is (loss, {"sft": ..., "kd": ...}), the two terms normalised like the loss, detached,
     for logging.
@@ -190,7 +203,7 @@ def _chunk(s, t, t_raw, s_raw, y, real, alpha, T, lam, divergence, vocab, denom,
         else:
             log_ratio = log_q - log_p  # (5) log q - log pi*
             kl = (q * log_ratio).sum(-1, keepdim=True)  # (5) KL(q || pi*) at each position
-            kd = (kl[:, 0] * real).sum()
+            kd = (kl[:, 0] * real).sum()  # (5) summed over positions
             g += (1 - lam) * T * q * (log_ratio - kl)  # (6) T^2 * q * (log q - log pi* - KL) / T
     return sft, kd, (g / denom).to(grad_dtype)  # (5) the share of num_tokens
 

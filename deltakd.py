@@ -77,7 +77,7 @@ over one such tensor per chunk (bench.py loss counts them from the aten ops), so
 bandwidth, not by arithmetic. fused=True runs the same chunk function (_chunk) compiled whole, for one fixed shape
 (the last chunk is padded with rows that count 0): its loops read each model's logits a few times and do every
 step's arithmetic there, about 10 passes, plus 8 around it for gathering the rows and writing the gradient. It is
-used by default from vocab_size 32,768 up, where compiling (10-30 s on a CPU, once per process and setting) is repaid
+used by default from vocab_size 32,768 up, where compiling (7-25 s on a CPU, once per process and setting) is repaid
 in a few calls; a toy vocabulary's call takes milliseconds and stays eager. Compiled code cannot run under a dispatch
 mode (FakeTensorMode, bench.py's counters), so there the default is eager too.
 

@@ -495,7 +495,7 @@ def bench_loss(n=2048, vocab=151936, repeats=3, rounds=2):
     chunk = _CHUNK_BYTES["cpu"] // (4 * vocab)
     passes = loss_passes(vocab, chunk)
     if not passes["kernel_loops"]:
-        print("  (no loop over the chunk found in inductor's C++: its code's form changed, and _kernel_traffic with it)")
+        print("  (no loop over the chunk found in inductor's C++: its form changed; update _kernel_traffic)")
     print(f"  memory traffic per chunk, in full passes over a ({chunk}, {vocab}) fp32 tensor (bytes read and written"
           f" / its size): eager {passes['eager']:.0f} (aten ops); fused {passes['kernel'] + passes['around']:.0f}: "
           f"the kernel's {passes['kernel_loops']} loops over the chunk move {passes['kernel']:.0f}, the ops around "

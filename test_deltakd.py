@@ -2295,7 +2295,8 @@ def test_minillm_policy_loss_is_chunked_and_exact(monkeypatch):
     targets = torch.randint(0, V, (N,), generator=g)
     log_q = torch.log_softmax(logits[:, :V], -1).gather(1, targets[:, None])[:, 0]
     log_q_old = log_q.detach() + 0.4 * torch.randn(N, generator=g, dtype=torch.float64)
-    adv, weight = torch.randn(N, generator=g, dtype=torch.float64), torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    weight = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
     rho = (log_q - log_q_old).exp() * weight
     assert 0 < ((rho - 1).abs() > 0.2).sum() < N  # some ratios clipped, some not
     expected = torch.maximum(-adv * rho, -adv * rho.clamp(0.8, 1.2)).sum() / 4.0

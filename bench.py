@@ -3,10 +3,10 @@ present, the GPU cases run too.
 
     python bench.py data     data.Batches vs the old layout: compute lost to padding and to ranks waiting
     python bench.py model    model.py, eager and compiled, vs transformers' Qwen2ForCausalLM: train step, generate
-    python bench.py loss     delta_kd_loss chunked vs the naive full-upcast version: peak memory added, time
+    python bench.py loss     delta_kd_loss fused and eager vs a naive full upcast: peak memory added, time, passes
     python bench.py rouge    our ROUGE vs rouge-score on 6,000 pairs with stemming: time, identical values
-    python bench.py train    train.py tokens/s, on-policy runs' generation speed (CPU: tiny models; GPU: Qwen2.5-0.5B-
-                             shaped student, 1.5B-shaped teachers)
+    python bench.py train    train.py tokens/s, on-policy runs' generation speed, host syncs per step (CPU: tiny
+                             models; GPU: Qwen2.5-0.5B-shaped student, 1.5B-shaped teachers)
     python bench.py memory   the per-GPU peak of a train.py step, from fake tensors: the paper's runs, or train.py's
                              arguments with --world-size (--json: {"peak_gib": ...}; --real: measured, under torchrun)
     python bench.py gpu      on one GPU: a Delta-KD step's tokens/s, MFU, host syncs and peak memory, eager and
@@ -15,13 +15,14 @@ present, the GPU cases run too.
                              host syncs per token (--json: a last line of JSON)
 """
 import argparse
-import collections
 import contextlib
 import copy
 import gc
+import io
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import tempfile
 import time
 import warnings
 import weakref
+from collections import Counter
 from pathlib import Path
 from unittest import mock
 
@@ -36,6 +38,7 @@ import huggingface_hub
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import data
 import evaluate
@@ -98,6 +101,45 @@ class HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
     @property
     def total(self):
         return sum(self.counts.values())
+
+
+def train_step_syncs(argv):
+    """train.py's main(argv), run in this process under HostSyncs: the host syncs of each optimizer step after the
+    first (which holds the setup), as {kind: count}, from the end of one optimizer step to the end of the next. Left
+    out: the optimizer's own step (on the CPU, AdamW reads its step counter, a host tensor that no GPU waits for;
+    on CUDA it is fused) and the rollouts (minillm.py's sampling, counted by its own bench). Give --log-every and
+    --save-every beyond --max-steps: then only the last step logs and saves, after its optimizer step."""
+    import minillm
+    import train
+    steps, excluded = [], Counter()
+
+    def left_out(fn):
+        def run(*args, **kwargs):
+            before = Counter(syncs.counts)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                excluded.update(Counter(syncs.counts) - before)
+        return run
+
+    def step_begins(optimizer, args, kwargs):
+        step_begins.before = Counter(syncs.counts)
+
+    def step_ends(optimizer, args, kwargs):
+        excluded.update(Counter(syncs.counts) - step_begins.before)
+        steps.append(Counter(syncs.counts) - excluded)  # cumulative, the left-out syncs taken away
+
+    with HostSyncs() as syncs, mock.patch.object(train, "on_policy_batches", left_out(train.on_policy_batches)), \
+            mock.patch.object(minillm.MiniLLM, "rollout", left_out(minillm.MiniLLM.rollout)), \
+            contextlib.redirect_stdout(io.StringIO()):  # train.py's log
+        hooks = [register_optimizer_step_pre_hook(step_begins),
+                 register_optimizer_step_post_hook(step_ends)]
+        try:
+            train.main(argv)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return [dict(after - before) for before, after in zip(steps, steps[1:])]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,7 +330,7 @@ def bench_model():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# loss: chunked vs naive
+# loss: fused and eager (chunked) vs naive
 
 def naive_delta_kd_loss(s, labels, t, t_raw, s_raw, alpha, T, lam, vocab):
     """The obvious version: upcast all four tensors whole and let autograd keep what it needs."""
@@ -315,17 +357,23 @@ def _loss_case(variant, n, vocab, device):
     t, t_raw, s_raw = (torch.randn(n, vocab, dtype=torch.bfloat16, device=device).mul_(3) for _ in range(3))
     labels = torch.randint(0, vocab, (n,), device=device)
     labels[: n // 4] = -100  # a prompt's worth of ignored positions
-    if variant == "chunked":
-        return s, lambda: delta_kd_loss(s, labels, t, t_raw, s_raw).backward()
-    return s, lambda: naive_delta_kd_loss(s, labels, t, t_raw, s_raw, 1.0, 1.0, 0.5, vocab).backward()
+    if variant == "naive":
+        return s, lambda: naive_delta_kd_loss(s, labels, t, t_raw, s_raw, 1.0, 1.0, 0.5, vocab).backward()
+    return s, lambda: delta_kd_loss(s, labels, t, t_raw, s_raw, fused=variant == "fused").backward()
 
 
 def loss_worker(variant, n, vocab, repeats):
-    """One variant in a fresh process: peak resident memory added by forward+backward, then the median time."""
+    """One variant in a fresh process: after a first call (which compiles the fused loss and is timed apart), the
+    peak resident memory added by one forward+backward, then the median time."""
+    import ctypes
     s, run = _loss_case(variant, n, vocab, "cpu")
+    start = time.perf_counter()
+    run()
+    first = time.perf_counter() - start
     times, added = [], None
     for i in range(repeats + 1):
         s.grad = None
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the first call's freed heap back to the system: counted anew
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
         before = _rss_kib("VmRSS")
@@ -334,23 +382,95 @@ def loss_worker(variant, n, vocab, repeats):
         times.append(time.perf_counter() - start)
         if i == 0:
             added = (_rss_kib("VmHWM") - before) * 1024
-    print(json.dumps({"added_bytes": added, "time_s": statistics.median(times[1:]), "input_bytes": s.nbytes}))
+    print(json.dumps({"added_bytes": added, "time_s": statistics.median(times[1:]), "first_s": first,
+                      "input_bytes": s.nbytes}))
+
+
+class _Traffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes that eager aten ops read and write in tensors of at least `size` elements (views move nothing), split
+    into those inside deltakd._chunk and those around it. Uses the private TorchDispatchMode, as HostSyncs does."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.inside, self.bytes = size, False, {"chunk": 0, "around": 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            tensors = [x for x in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(x, torch.Tensor)]
+            self.bytes["chunk" if self.inside else "around"] += sum(x.nbytes for x in tensors if x.numel() >= self.size)
+        return out
+
+
+def _kernel_traffic(code, vocab):
+    """From inductor's C++ for a chunk: the loops over (chunk, vocab) and the bytes per row they read and write. Each
+    loop nest over the rows (x0) that has a loop over the vocabulary (x1) is one pass; within it, every distinct
+    pointer indexed by x1 moves vocab elements of its type per row."""
+    size = {"float": 4, "double": 8, "at::BFloat16": 2, "at::Half": 2, "bool": 1, "int64_t": 8, "int32_t": 4}
+    signature = re.search(r'extern "C"\s+void\s+kernel\((.*?)\)', code, re.S).group(1)
+    types = {name: size[t] for t, name in re.findall(r"(?:const )?([\w:]+)\* (\w+)", signature)}
+    types.update({alias: types[name] for alias, name in re.findall(r"auto (\w+ptr\d+) = (\w+ptr\d+);", code)})
+    nests = re.split(r"for\(int64_t x0=", code)[1:]  # from each loop over the rows to the next
+    loops, per_row = 0, 0
+    for nest in nests:
+        if f"x1<static_cast<int64_t>({vocab}L)" not in nest:
+            continue
+        loops += 1
+        pointers = {name for name, index in re.findall(r"(\w+ptr\d+)(?: \+ |\[)static_cast<int64_t>\(([^;]{0,80})",
+                                                          nest) if "x1" in index}
+        per_row += sum(types.get(p, 4) * vocab for p in pointers)
+    return loops, per_row
+
+
+def loss_passes(vocab, chunk):
+    """Full passes over a (chunk, vocab) fp32 tensor per chunk, eager and fused, from one chunk's forward+backward:
+    eager from the aten ops (bytes read and written, in units of the tensor's 4 x chunk x vocab bytes); fused from
+    the ops around the compiled kernel plus the kernel's own loops, read from inductor's generated code."""
+    import deltakd
+    from torch._inductor.utils import run_and_get_code
+    s, t, t_raw, s_raw = (torch.randn(chunk, vocab, dtype=torch.bfloat16) for _ in range(4))
+    labels = torch.randint(0, vocab, (chunk,))  # every position counted: one chunk
+
+    def run():
+        delta_kd_loss(s.requires_grad_(), labels, t, t_raw, s_raw, fused=False).backward()
+    unit = 4 * chunk * vocab
+    traffic = _Traffic(chunk * vocab // 2)
+    chunk_fn = deltakd._chunk
+
+    def inside(*args):
+        traffic.inside = True
+        try:
+            return chunk_fn(*args)
+        finally:
+            traffic.inside = False
+    with mock.patch.object(deltakd, "_chunk", inside), traffic:
+        run()
+    args = (s.detach(), t, t_raw, s_raw, labels, torch.ones(chunk), 1.0, 1.0, 0.5, "fkl", vocab, torch.tensor(1.0),
+            torch.bfloat16)  # the arguments the fused loss passes for one chunk
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph brings no code to read
+        _, code = run_and_get_code(torch.compile(chunk_fn, dynamic=False, fullgraph=True), *args)
+    loops, per_row = _kernel_traffic("\n".join(code), vocab)
+    around = traffic.bytes["around"] / unit
+    return {"eager": traffic.bytes["chunk"] / unit + around, "around": around, "kernel_loops": loops,
+            "kernel": per_row * chunk / unit}
 
 
 def _loss_summary(summary):
     """summary {variant: (peak added in input tensors, seconds)}."""
     for variant, (added, seconds) in summary.items():
         print(f"  {variant:8s} peak added {added:5.2f}x   time {seconds * 1e3:8.1f} ms")
-    (a_n, t_n), (a_c, t_c) = summary["naive"], summary["chunked"]
-    print(f"  memory: chunked adds {a_c:.2f}x (goal <= 2.0x; naive {a_n:.1f}x)   "
-          f"time ratio chunked/naive {t_c / t_n:.2f} (goal <= 1.0)")
+    (a_n, t_n), (a_e, t_e), (a_f, t_f) = summary["naive"], summary["eager"], summary["fused"]
+    print(f"  memory: eager adds {a_e:.2f}x (goal <= 2.0x; naive {a_n:.1f}x)   time ratio eager/naive {t_e / t_n:.2f} "
+          "(goal <= 1.0)")
+    print(f"  fused vs eager: time {t_f / t_e:.2f}x (goal <= 0.5), peak added {a_f / a_e:.2f}x (goal <= 1.0)")
 
 
 def _loss_cuda(n, vocab, repeats):
-    """Both variants in this process: the CUDA allocator counts exactly what is allocated, and its peak resets."""
-    cases = {variant: _loss_case(variant, n, vocab, "cuda") for variant in ("naive", "chunked")}
+    """Every variant in this process: the CUDA allocator counts exactly what is allocated, and its peak resets."""
+    cases = {variant: _loss_case(variant, n, vocab, "cuda") for variant in ("naive", "eager", "fused")}
     added = {}
     for variant, (s, run) in cases.items():
+        run()  # the fused loss compiles here
         s.grad = None
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -370,9 +490,10 @@ def bench_loss(n=2048, vocab=151936, repeats=3, rounds=2):
     def chunks(device):  # what delta_kd_loss chooses by default
         return f"chunks of {_CHUNK_BYTES[device] // 2**20} MiB ({_CHUNK_BYTES[device] // (4 * vocab)} positions)"
     print(f"delta_kd_loss forward+backward, N={n} positions, V={vocab}, bf16 inputs, CPU ({torch.get_num_threads()} "
-          f"threads), {chunks('cpu')}; peak RSS added, in units of one input logits tensor "
-          f"({n * vocab * 2 / 2**20:.0f} MiB)")
-    results = {"naive": [], "chunked": []}
+          f"threads), {chunks('cpu')}; naive: a full fp32 upcast with autograd; eager: the chunked loss, each chunk "
+          f"eagerly (fused=False); fused: each chunk one compiled kernel. Peak RSS added, in units of one input "
+          f"logits tensor ({n * vocab * 2 / 2**20:.0f} MiB)")
+    results = {"naive": [], "eager": [], "fused": []}
     for _ in range(rounds):  # interleaved, each in a fresh process so that one's peak does not hide the other's
         for variant in results:
             out = subprocess.run([sys.executable, __file__, "loss-worker", variant, str(n), str(vocab), str(repeats)],
@@ -380,6 +501,16 @@ def bench_loss(n=2048, vocab=151936, repeats=3, rounds=2):
             results[variant].append(json.loads(out.splitlines()[-1]))
     _loss_summary({variant: (max(r["added_bytes"] for r in runs) / runs[0]["input_bytes"],
                              statistics.median(r["time_s"] for r in runs)) for variant, runs in results.items()})
+    firsts = ", ".join(f"{r['first_s']:.1f} s" for r in results["fused"])
+    print(f"  the fused loss's first call, compiling (the later runs read inductor's cache): {firsts}")
+    chunk = _CHUNK_BYTES["cpu"] // (4 * vocab)
+    passes = loss_passes(vocab, chunk)
+    if not passes["kernel_loops"]:
+        print("  (no loop over the chunk found in inductor's C++: its form changed; update _kernel_traffic)")
+    print(f"  memory traffic per chunk, in full passes over a ({chunk}, {vocab}) fp32 tensor (bytes read and written"
+          f" / its size): eager {passes['eager']:.0f} (aten ops); fused {passes['kernel'] + passes['around']:.0f}: "
+          f"the kernel's {passes['kernel_loops']} loops over the chunk move {passes['kernel']:.0f}, the ops around "
+          f"it {passes['around']:.0f} (gathering the rows, writing the gradient buffer, backward's scaling)")
 
     if torch.cuda.is_available():
         n = 2 * 2048  # one micro-batch of --micro-batch-size 2 at --max-len 2048
@@ -464,13 +595,16 @@ def _train_model_dir(path, cfg, tokenizer_dir, dtype):
     model.save_pretrained(path, tokenizer_dir=tokenizer_dir)
 
 
-def _train_run(work, name, loss, args):
-    out = work / f"run-{name.replace(' ', '')}"
+def _train_argv(work, out, loss, args):
     teachers = [] if loss == "sft" else ["--teacher", str(work / "teacher")]
     teachers += ["--teacher-raw", str(work / "teacher")] if loss == "deltakd" else []
-    cmd = [sys.executable, str(Path(__file__).parent / "train.py"), "--model", str(work / "student"), *teachers,
-           "--loss", loss, "--data", str(work / "data" / "train.jsonl"), "--out", str(out), "--lr", "1e-4",
-           "--save-every", "1000", *args]
+    return ["--model", str(work / "student"), *teachers, "--loss", loss, "--data", str(work / "data" / "train.jsonl"),
+            "--out", str(out), "--lr", "1e-4", "--save-every", "1000", *args]
+
+
+def _train_run(work, name, loss, args):
+    out = work / f"run-{name.replace(' ', '')}"
+    cmd = [sys.executable, str(Path(__file__).parent / "train.py"), *_train_argv(work, out, loss, args)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -521,13 +655,17 @@ def bench_train():
         if cuda:
             print("  MFU: (6 x student + 2 x frozen parameters) FLOPs per token x tokens/s / --peak-tflops; peak "
                   "memory: torch.cuda.max_memory_allocated (max_memory_reserved)")
-        runs = [("sft", "sft", []), ("deltakd", "deltakd", [])]
+        runs = [("sft", "sft", []), ("fkl", "fkl", []), ("rkl", "rkl", []), ("deltakd", "deltakd", [])]
         runs += [("deltakd --compile", "deltakd", ["--compile"])] if cuda else []
         runs += [("deltakd --on-policy 0.5", "deltakd", ["--on-policy", "0.5", "--max-new-tokens", str(new_tokens)]),
                  ("minillm", "minillm", ["--num-rollouts", str(batch), "--ppo-epochs", str(phase), "--max-new-tokens",
                                          str(new_tokens)])]
+        print("  host syncs: per optimizer step outside log steps, in steps 2-4 of a run of its own, by kind (the "
+              "rollouts' sampling left out; goal: 1, the finite check)")
         for name, loss, args in runs:
             records = _train_run(work, name, loss, extra + args)[1:-1]
+            argv = _train_argv(work, work / f"syncs-{name.replace(' ', '')}", loss, extra + args)
+            syncs = train_step_syncs(argv + ["--max-steps", "4", "--log-every", "1000"])
 
             def median(f):
                 return statistics.median(f(r) for r in records)
@@ -541,7 +679,8 @@ def bench_train():
                 line += f"   MFU {median(lambda r: r['mfu']):5.1%}   peak memory " \
                         f"{max(r['peak_mem_gib'] for r in records):5.1f} GiB (reserved " \
                         f"{max(r['peak_reserved_gib'] for r in records):5.1f})"
-            print(line)
+            most = max(syncs, key=lambda c: sum(c.values()))
+            print(line + f"   host syncs {max(sum(c.values()) for c in syncs)} per step {most}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -933,7 +1072,7 @@ def _gpu_variant(args, device, opts, estimate):
         torch.cuda.reset_peak_memory_stats()
         step(2)
         torch.cuda.synchronize()
-    syncs = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    syncs = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     print(f"  {'--compile' if args.compile else 'eager':9s}  {tokens_per_s:8.0f} tokens/s   MFU "
           f"{flops * tokens_per_s / (opts.peak_tflops * 1e12):5.1%}   first step {first:5.1f} s   peak "
           f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated "

@@ -328,7 +328,8 @@ def load_rows(spec, split=None, max_rows=None, skip_bad=False, holdout=None, fit
 
 class Batches:
     """Each item is one optimizer step for this rank: a list of micro-batches, dicts of LongTensors (rows, T) with
-    input_ids, attention_mask (1 on real tokens), labels, and index (each row's example, -1 for a filler).
+    input_ids, attention_mask (1 on real tokens), labels, and index (each row's example, -1 for a filler), and
+    positions (N,): the flat positions in (rows, T) whose next token is supervised, the only logits a loss needs.
 
     Step s of epoch e uses the global batch perm_e[s*B:(s+1)*B] whatever the world size. With the loss normalised by
     the global token count (train.py), any arrangement of those examples over ranks and micro-batches gives the same
@@ -424,6 +425,10 @@ class Batches:
             for k in r or ():
                 batch[k][i, :n] = torch.as_tensor(r[k])
         batch["index"] = torch.tensor([int(i) for i in run] or [-1])
+        # found here, on the host, from the examples' labels: the step then never waits for the device to count them
+        batch["positions"] = torch.from_numpy(np.concatenate(
+            [i * T + np.flatnonzero(np.asarray(r["labels"][1:]) != IGNORE) for i, r in enumerate(rows) if r is not None]
+            or [[]]).astype(np.int64))
         return batch
 
     def state_dict(self):
@@ -436,6 +441,21 @@ class Batches:
             if state[key] != mine:
                 raise ValueError(f"cannot resume: saved {key}={state[key]}, this run has {mine}")
         self.epoch, self.step = state["epoch"], state["step"]
+
+
+def to_device(x, device):
+    """A host tensor on `device`, copied from pinned memory without blocking: a copy from pageable memory makes the
+    host wait until the device has run everything queued before it."""
+    return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
+
+
+def step_inputs(micro_batch, device, fields=("labels",)):
+    """What a training forward needs of a micro-batch, on `device`: input_ids (rows, T), positions (N,), and each of
+    `fields` (per-token tensors like labels) at the tokens the positions predict, (N,). The logits at flat position
+    i predict the token at i + 1, in the same row: no position is a row's last."""
+    at = micro_batch["positions"]
+    return [to_device(x, device) for x in (micro_batch["input_ids"], at,
+                                           *(micro_batch[k].flatten()[at + 1] for k in fields))]
 
 # ---------------------------------------------------------------------------- toy data
 

@@ -54,10 +54,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.distributed.fsdp import FSDPModule
 
-from data import IGNORE, Batches
-from deltakd import delta_kd_loss
+from data import IGNORE, Batches, step_inputs, to_device
+from deltakd import _CHUNK_BYTES, delta_kd_loss
 from model import Decoder, sample, seed_of
 
 CLIP = 0.2  # PPO's clip on rho, as MiniLLM's scripts
@@ -132,27 +133,43 @@ def advantages(rewards, length_norm=True, whiten=True):
 
 
 def policy_loss(logits, targets, log_q_old, adv, weight, vocab_size, num_tokens, clip=CLIP):
-    """(6) The clipped surrogate, summed over the positions where targets != IGNORE and divided by num_tokens.
-    logits[..., i, :] predicts targets[..., i]; log_q_old, adv and weight are per position, like targets (train.py
-    passes only the counted positions: logits (N, V), the others (N,))."""
-    where = targets != IGNORE
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least; float64 stays float64 for the tests
-    log_q = torch.log_softmax(logits[where][:, :vocab_size].to(dtype), -1)  # (N, V), counted positions only
-    log_q = log_q.gather(1, targets[where][:, None])[:, 0]  # (N,) log q_θ(y_k)
-    rho = (log_q - log_q_old[where]).exp() * weight[where]  # (6) rho = w * q_θ / q_old
-    a = adv[where]
-    return torch.maximum(-a * rho, -a * rho.clamp(1 - clip, 1 + clip)).sum() / num_tokens  # (6)
+    """(6) The clipped surrogate, summed over positions and divided by num_tokens: logits (N, V) predict targets (N,);
+    log_q_old, adv and weight are per position, (N,)."""
+    log_q = _TokenLogProb.apply(logits, targets, vocab_size)  # (N,) log q_θ(y_k)
+    rho = (log_q - log_q_old).exp() * weight  # (6) rho = w * q_θ / q_old
+    return torch.maximum(-adv * rho, -adv * rho.clamp(1 - clip, 1 + clip)).sum() / num_tokens  # (6)
 
 
-def shifted(x, fill):
-    """logits[:, i] predicts the token at i + 1: labels, and any per-token field, move left by one; nothing at the end.
-    (train.py shifts its targets with this too.)"""
-    return F.pad(x[:, 1:], (0, 1), value=fill)
+class _TokenLogProb(torch.autograd.Function):
+    """log softmax(logits)[y] per position, chunk by chunk: never an fp32 (N, V) tensor, in forward or in backward,
+    where d log q(y) / d logits = onehot(y) - softmax(logits) is formed a chunk at a time from the saved logsumexp."""
+
+    @staticmethod
+    def forward(ctx, logits, y, vocab):
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least; float64 stays float64 for the tests
+        chunk = max(1, _CHUNK_BYTES["cpu" if logits.device.type == "cpu" else "other"] // (4 * vocab))
+        lse = torch.cat([x[:, :vocab].to(dtype).logsumexp(-1) for x in logits.split(chunk)])  # (N,)
+        ctx.save_for_backward(logits, y, lse)
+        ctx.vocab, ctx.chunk = vocab, chunk
+        return logits.gather(1, y[:, None])[:, 0].to(dtype) - lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        logits, y, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        for start in range(0, len(logits), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            d = -(logits[rows, :ctx.vocab].to(lse.dtype) - lse[rows, None]).exp()  # -softmax
+            d[torch.arange(len(d), device=d.device), y[rows]] += 1.0  # onehot(y) - softmax
+            grad[rows, :ctx.vocab] = d * g[rows, None]
+        return grad, None, None
 
 
-def global_count(targets, device):
-    """The number of counted positions in a step's targets over all ranks: what every loss term is divided by."""
-    n = sum((t != IGNORE).sum() for t in targets).to(device)
+def global_count(micro_batches, device):
+    """The number of counted positions in a step's micro-batches over all ranks: what every loss term is divided by.
+    Their lengths, on the host: nothing waits for the device."""
+    n = to_device(torch.tensor(sum(len(mb["positions"]) for mb in micro_batches)), device)
     dist.all_reduce(n)
     return n
 
@@ -247,28 +264,26 @@ class MiniLLM:
                 next(self.minibatches)  # rollouts come from the current weights, so this one point is not exact
         gen_s, gen_tokens = self.rollout_stats.pop("gen_s", 0.0), self.rollout_stats.pop("gen_tokens", 0.0)
         rollout_mbs = next(self.minibatches)
-        targets = [shifted(mb["labels"], IGNORE).to(dev) for mb in rollout_mbs]
-        num_tokens = global_count(targets, dev) / W
+        num_tokens = global_count(rollout_mbs, dev) / W
         pg_sum = kd_sum = tokens = 0.0
-        for mb, target in zip(rollout_mbs, targets):
-            ids, counted = mb["input_ids"].to(dev), target != IGNORE  # logits at the reply's positions only
+        for mb in rollout_mbs:  # logits at the reply's positions only
+            ids, at, target, *per_token = step_inputs(mb, dev, ("labels", "log_q_old", "adv", "weight"))
             with torch.no_grad():
-                t_logits = self.teacher(ids, logits_at=counted)
-            logits, target = self.student(ids, logits_at=counted), target[counted]  # (N, V), (N,)
+                t_logits = self.teacher(ids, logits_at=at)
+            logits = self.student(ids, logits_at=at)  # (N, V)
             single, parts = delta_kd_loss(logits, target, t_logits, alpha=0.0, lam=0.0, divergence="rkl",
-                                          vocab_size=self.vocab_size, num_tokens=num_tokens, return_parts=True)
-            pg = policy_loss(logits, target, *(shifted(mb[k], 0.0).to(dev)[counted] for k in
-                                               ("log_q_old", "adv", "weight")), self.vocab_size, num_tokens)  # (6)
+                                          vocab_size=self.vocab_size, num_tokens=num_tokens, return_parts=True,
+                                          positions=torch.arange(len(target), device=dev))
+            pg = policy_loss(logits, target, *per_token, self.vocab_size, num_tokens)  # (6)
             (pg + single).backward()  # (7) L_pg + L_single
             pg_sum, kd_sum = pg_sum + pg.detach(), kd_sum + parts["kd"]
             tokens += mb["attention_mask"].sum()
-        data_targets = [shifted(mb["labels"], IGNORE).to(dev) for mb in data_micro_batches]
-        data_tokens = global_count(data_targets, dev) / W
+        data_tokens = global_count(data_micro_batches, dev) / W
         sft_sum = 0.0
-        for mb, target in zip(data_micro_batches, data_targets):
-            counted = target != IGNORE
-            sft = delta_kd_loss(self.student(mb["input_ids"].to(dev), logits_at=counted), target[counted], None,
-                                lam=1.0, vocab_size=self.vocab_size, num_tokens=data_tokens)
+        for mb in data_micro_batches:
+            ids, at, target = step_inputs(mb, dev)
+            sft = delta_kd_loss(self.student(ids, logits_at=at), target, None, lam=1.0, vocab_size=self.vocab_size,
+                                num_tokens=data_tokens, positions=torch.arange(len(target), device=dev))
             (args.lam * sft).backward()  # (7) + lam * L_SFT
             sft_sum += sft.detach()
             tokens += mb["attention_mask"].sum()

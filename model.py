@@ -275,8 +275,9 @@ class Qwen2(nn.Module):
         return rope_cos_sin(pos, cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta, dtype)
 
     def forward(self, input_ids, attention_mask=None, state=None, logits_at=None, slot=None):
-        """Logits (B, T, V); with logits_at, a bool (B, T) mask, those positions' logits only, (N, V): a loss that
-        skips prompts and padding needs no others, and the lm_head's matmul and the logits shrink by their share.
+        """Logits (B, T, V); with logits_at, a LongTensor (N,) of flat positions into (B, T), those positions' logits
+        only, (N, V): a loss that skips prompts and padding needs no others, and the lm_head's matmul and the logits
+        shrink by their share. An index, not a mask: its length fixes N, so the host need not wait for the device.
         With a DecodeState, a decoding pass (prefill and decode_step make them): with `slot`, a prompt (1, T) written
         into that slot's rows of the cache, causal, at its own length (returns None); without, one token per slot
         (B, 1), each at its slot's own position (returns the next logits (B, V)). Decoding goes through here too, so
@@ -294,7 +295,7 @@ class Qwen2(nn.Module):
         h = self.model(input_ids, cos, sin, attention_mask_4d(attention_mask), cache)
         if state is not None:
             return None
-        return self.lm_head(h if logits_at is None else h[logits_at])  # (B, T, V) or (N, V)
+        return self.lm_head(h if logits_at is None else h.flatten(0, 1)[logits_at])  # (B, T, V) or (N, V)
 
     @torch.no_grad()
     def init_weights(self, generator=None):

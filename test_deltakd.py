@@ -294,8 +294,34 @@ def test_loss_backward_scales_and_repeats():
     s, labels, t, t_raw, s_raw = _loss_inputs()
     loss = delta_kd_loss(s, labels, t, t_raw, s_raw)
     (g1,) = torch.autograd.grad(loss, s, retain_graph=True)
-    (g3,) = torch.autograd.grad(3 * loss, s)
+    (g3,) = torch.autograd.grad(3 * loss, s, retain_graph=True)
     torch.testing.assert_close(g3, 3 * g1)
+    (g2,) = torch.autograd.grad(2 * loss, s)  # every later backward scales a copy of the first one's gradient
+    torch.testing.assert_close(g2, 2 * g1)
+    torch.testing.assert_close(g3, 3 * g1)  # and leaves the earlier results alone
+
+
+def test_loss_scaled_backward_needs_no_second_buffer_and_no_host_sync():
+    """A scaled loss (lam * loss, loss * scale) multiplies the gradient buffer in place on the device: backward makes
+    no new tensor the size of the logits and reads nothing back to the host."""
+    from bench import HostSyncs
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=12, dtype=torch.float32)
+    expected = 0.25 * torch.autograd.grad(delta_kd_loss(s, labels, t, t_raw, s_raw), s)[0]
+    loss = delta_kd_loss(s, labels, t, t_raw, s_raw)
+    made = []
+
+    class NewLogitsSized(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {x.untyped_storage().data_ptr() for x in args if isinstance(x, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.numel() >= s.numel() and \
+                    out.untyped_storage().data_ptr() not in inputs:  # new memory, not a view or an in-place result
+                made.append(func)
+            return out
+    with NewLogitsSized(), HostSyncs() as syncs:
+        (0.25 * loss).backward()
+    assert made == [] and syncs.counts == {}
+    torch.testing.assert_close(s.grad, expected)
 
 
 def test_loss_bad_arguments_are_named():
@@ -377,10 +403,9 @@ def test_loss_default_chunking_splits_positions(monkeypatch):
     whole = delta_kd_loss(s, labels, t, t_raw, s_raw)
     (g_whole,) = torch.autograd.grad(whole, s)
     seen = []
-    chunk_log_probs = deltakd._chunk_log_probs
+    chunk = deltakd._chunk
     monkeypatch.setitem(deltakd._CHUNK_BYTES, "cpu", 4 * 13 * 3)  # three positions of 13 fp32 log-probs per chunk
-    monkeypatch.setattr(deltakd, "_chunk_log_probs", lambda x, rows, *a: seen.append(len(rows[0])) or
-                        chunk_log_probs(x, rows, *a))
+    monkeypatch.setattr(deltakd, "_chunk", lambda s, *a: seen.append(len(s)) or chunk(s, *a))
     chunked = delta_kd_loss(s, labels, t, t_raw, s_raw)
     (g_chunked,) = torch.autograd.grad(chunked, s)
     assert max(seen) == 3 and len(seen) > 5
@@ -416,6 +441,55 @@ def test_loss_negative_label_is_refused():
     labels[1] = -5
     with pytest.raises(ValueError, match="labels hold ids outside"):
         delta_kd_loss(s, labels, t, t_raw, s_raw)
+
+
+def test_loss_given_positions_spare_the_search_and_every_host_sync():
+    """positions, the flat indices of the counted positions, give today's values and gradients for any leading shape
+    and view, with no host sync in forward or backward; a bad label there is still caught, on the device."""
+    from bench import HostSyncs
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=12, dtype=torch.float32)
+    big = [torch.cat([x.detach().view(3, 4, -1), torch.randn(3, 1, x.shape[-1])], 1) for x in (s, t, t_raw, s_raw)]
+    views = [x[:, :-1] for x in big]  # non-contiguous, as a trainer's shifted logits are
+    views[0].requires_grad_()
+    kw = dict(temperature=1.5, lam=0.3, return_parts=True)
+    expected, expected_parts = delta_kd_loss(views[0], labels.view(3, 4), *views[1:], **kw)
+    (g_expected,) = torch.autograd.grad(expected, views[0])
+    positions = (labels != -100).nonzero()[:, 0]
+    with HostSyncs() as syncs:
+        loss, parts = delta_kd_loss(views[0], labels.view(3, 4), *views[1:], **kw, positions=positions)
+        (grad,) = torch.autograd.grad(loss, views[0])
+    assert syncs.counts == {}
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(parts, expected_parts, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, g_expected, rtol=1e-6, atol=0)
+    bad = labels.clone()
+    bad[positions[1]] = 99
+    with pytest.raises(RuntimeError, match="labels hold ids outside"):
+        delta_kd_loss(s, bad, t, t_raw, s_raw, positions=positions)
+    with pytest.raises(ValueError, match="positions must be a 1-D LongTensor"):
+        delta_kd_loss(s, labels, t, t_raw, s_raw, positions=labels != -100)
+
+
+def test_loss_fused_chunks_equal_eager_and_pass_gradcheck():
+    """fused=True runs each chunk's body compiled, for one fixed shape (the last chunk padded): the same values and
+    gradients as the eager chunks within 1e-6, and float64 gradcheck. Each setting compiles (seconds): two here, with
+    values of their own, so that each must compile in this test (or it could silently run eagerly)."""
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=5, vocab=6)  # float64; 3 counted positions: chunks of 2, then 1
+    kw = dict(alpha=0.8, temperature=1.7, lam=0.3, chunk_size=2)
+    fn = lambda s, fused: delta_kd_loss(s, labels, t, t_raw, s_raw, **kw, fused=fused)
+    assert torch.autograd.gradcheck(lambda s: fn(s, True), (s,))
+    torch.testing.assert_close(fn(s, True), fn(s, False), rtol=1e-12, atol=0)
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=23, vocab=40, extra=(3, 8, 5, 0), dtype=torch.float32)
+    for fused in (True, False):  # reverse KL at T = 1, where one log_softmax serves both terms; 17 counted, chunks of 8
+        loss, parts = delta_kd_loss(s, labels, t, t_raw, s_raw, alpha=0.6, divergence="rkl", lam=0.45, chunk_size=8,
+                                    return_parts=True, fused=fused)
+        (grad,) = torch.autograd.grad(loss, s)
+        if fused:
+            fused_results = loss, parts, grad
+    torch.testing.assert_close(fused_results, (loss, parts, grad), rtol=1e-6, atol=1e-6 * grad.abs().max().item())
+    assert counters["stats"]["unique_graphs"] >= graphs + 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -501,6 +575,8 @@ def test_model_padding_gives_unpadded_logits(tmp_path):
         assert torch.isfinite(out).all()  # padding queries too
         for i, r in enumerate(rows):
             torch.testing.assert_close(out[i][mask[i].bool()], alone[i], rtol=0, atol=1e-5)
+        at = mask.flatten().nonzero()[:, 0]  # flat positions into (B, T): only their logits
+        torch.testing.assert_close(ours(ids, mask, logits_at=at), out.flatten(0, 1)[at])
 
 
 @pytest.mark.parametrize("name", ["tied-gqa", "untied-mqa"])
@@ -1650,6 +1726,11 @@ def test_data_batches_padding_fillers_and_shuffle():
                 else:  # a filler: one token, nothing supervised
                     assert n == 1 and (labels == -100).all() and int(row[0]) == 0
                     fillers += 1
+            # the flat positions whose next token is supervised, found on the host, and those tokens (step_inputs)
+            targets = F.pad(mb["labels"][:, 1:], (0, 1), value=-100)
+            assert torch.equal(mb["positions"], (targets != -100).flatten().nonzero()[:, 0])
+            _, at, target = data.step_inputs(mb, torch.device("cpu"))
+            assert torch.equal(at, mb["positions"]) and torch.equal(target, targets.flatten()[at])
     last = [rank[-1] for rank in ranks]
     assert fillers == 2 and sorted(_data_step_ids(s)[1] for s in last) == [0, 0, 1, 1] and {len(s) for s in last} == {1}
     epoch0 = [_data_step_ids(s)[0] for s in steps]
@@ -2242,6 +2323,24 @@ def test_train_deltakd_with_the_teacher_as_its_own_raw_teacher_has_no_kd_term_at
     _train_check_step(step, _train_oracle(same), ("loss", "sft", "grad_norm"))
 
 
+@pytest.mark.parametrize("method", ["sft", "fkl", "rkl", "deltakd", "deltakd-on-policy", "minillm"])
+def test_train_step_makes_the_host_wait_once(_train_world, tmp_path, method):
+    """Outside log steps, an optimizer step of every loss has one host sync, the finite check: bench.py's HostSyncs
+    counts them over train.py's own loop, run in this process, with several micro-batches per step. The rollouts'
+    sampling is left out (decoding has its own count); MiniLLM's third step starts a new rollout phase."""
+    from bench import train_step_syncs
+    loss, extra = {"deltakd-on-policy": ("deltakd", ["--on-policy", "1", "--max-new-tokens", "8"]),
+                   "minillm": ("minillm", [*_TRAIN_MINILLM, "--ppo-epochs", "2", "--max-new-tokens", "8"])}.get(
+        method, (method, []))
+    kd = [] if loss == "sft" else ["--teacher", str(_train_world["teacher"]), "--teacher-raw",
+                                   str(_train_world["teacher_raw"])]
+    argv = ["--model", str(_train_world["student"]), *kd, "--loss", loss, "--data", str(_train_world["data"]),
+            "--out", str(tmp_path / "run"), "--max-len", "128", "--batch-size", "8", "--micro-batch-size", "2",
+            *extra, "--max-steps", "4", "--log-every", "100", "--save-every", "100"]
+    steps = train_step_syncs(argv)
+    assert steps == [{".item() / bool() / int() / float()": 1}] * 3, steps
+
+
 def test_train_minillm_same_update_for_any_world_size_and_exact_resume(_train_world, tmp_path):
     """With one PPO epoch, one process and two give the same first-step gradient norm and the same weights: the
     rollouts are seeded per prompt, gathered, and laid out like data. A run resumed from a checkpoint samples the
@@ -2466,15 +2565,14 @@ def _mini_estimate(student, teacher, reply, mix):
         log_q, log_p = (_mini_token_log_probs(m, reply).numpy() for m in (student, teacher))
     log_mix = np.logaddexp(np.log1p(-mix) + log_q, np.log(mix) + log_p) if mix else log_q
     adv = minillm.advantages([log_p - log_q], length_norm=False, whiten=False)[0]
-    n = len(_MINI_PROMPT)
-    per_token = lambda values: minillm.shifted(torch.tensor([[0.0] * n + list(values)], dtype=torch.float64), 0.0)
-    ids, targets = torch.tensor([_MINI_PROMPT + reply]), minillm.shifted(torch.tensor([[-100] * n + reply]), -100)
+    ids, targets = torch.tensor([_MINI_PROMPT + reply]), torch.tensor(reply)
+    at = torch.arange(len(reply)) + len(_MINI_PROMPT) - 1  # the positions whose logits choose the reply's tokens
     student.zero_grad()
-    logits = student(ids)
+    logits = student(ids, logits_at=at)
     with torch.no_grad():
-        teacher_logits = teacher(ids)
-    pg = minillm.policy_loss(logits, targets, per_token(log_q), per_token(adv), per_token(np.exp(log_q - log_mix)),
-                             _MINI_VOCAB, 1.0, clip=math.inf)
+        teacher_logits = teacher(ids, logits_at=at)
+    pg = minillm.policy_loss(logits, targets, *map(torch.tensor, (log_q, adv, np.exp(log_q - log_mix))), _MINI_VOCAB,
+                             1.0, clip=math.inf)
     single = delta_kd_loss(logits, targets, teacher_logits, alpha=0.0, lam=0.0, divergence="rkl", num_tokens=1)
     (pg + single).backward()
     return _mini_grad(student)
@@ -2599,6 +2697,29 @@ def test_minillm_single_step_term_is_the_token_level_reverse_kl():
     log_q, log_p = torch.log_softmax(s, -1), torch.log_softmax(t[..., :11], -1)
     kl = (log_q.exp() * (log_q - log_p)).sum(-1)
     assert got.item() == pytest.approx((kl * (targets != -100)).sum().item() / 5.0, rel=1e-12)
+
+
+def test_minillm_policy_loss_is_chunked_and_exact(monkeypatch):
+    """policy_loss takes log q(y) a chunk of positions at a time, never an fp32 (N, V) log_softmax: with chunks of 3
+    positions, its value and gradient equal the whole-tensor formula's in float64, clipped and unclipped ratios both."""
+    g = torch.Generator().manual_seed(4)
+    N, V = 10, 7
+    logits = torch.randn(N, V + 2, generator=g, dtype=torch.float64, requires_grad=True)  # an lm_head's extra rows
+    targets = torch.randint(0, V, (N,), generator=g)
+    log_q = torch.log_softmax(logits[:, :V], -1).gather(1, targets[:, None])[:, 0]
+    log_q_old = log_q.detach() + 0.4 * torch.randn(N, generator=g, dtype=torch.float64)
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    weight = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    rho = (log_q - log_q_old).exp() * weight
+    assert 0 < ((rho - 1).abs() > 0.2).sum() < N  # some ratios clipped, some not
+    expected = torch.maximum(-adv * rho, -adv * rho.clamp(0.8, 1.2)).sum() / 4.0
+    (g_expected,) = torch.autograd.grad(expected, logits)
+    monkeypatch.setitem(minillm._CHUNK_BYTES, "cpu", 4 * V * 3)
+    got = minillm.policy_loss(logits, targets, log_q_old, adv, weight, V, 4.0)
+    (g_got,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-10, atol=1e-14)
+    assert g_got[:, V:].abs().max() == 0
 
 
 def test_minillm_advantages_follow_the_future_reward():

@@ -33,9 +33,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from data import IGNORE, Batches, build_examples, load_rows, load_tokenizer
+from data import Batches, build_examples, load_rows, load_tokenizer, step_inputs, to_device
 from deltakd import delta_kd_loss
-from minillm import MiniLLM, global_count, on_policy_batches, shifted
+from minillm import MiniLLM, global_count, on_policy_batches
 from model import Qwen2, Qwen2Config, checkpoint_shapes, load_weights, resolve_model_dir
 
 LOSSES = {  # how the paper's token-level methods fall out of delta_kd_loss
@@ -229,27 +229,38 @@ def check_same_data(examples, rank, world):
 def kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device, world, scale=1.0):
     """Forward and backward of one optimizer step of a token-level loss; returns this rank's share of the logged
     values. scale multiplies the loss: 1 - lam on an on-policy step, whose KD term alone is trained."""
-    targets = [shifted(mb["labels"], IGNORE).to(device) for mb in micro_batches]
     # The global count of supervised tokens, all-reduced before the step, so the same global batch gives the same
     # update however it is split. FSDP averages gradients over ranks, so each rank divides by count / world: the
     # average of the ranks' gradients is then the global batch's.
-    num_tokens = global_count(targets, device)
-    stats = {"loss": 0.0, "sft": 0.0, "kd": 0.0, "tokens": 0.0}
-    for mb, target in zip(micro_batches, targets):
+    num_tokens = global_count(micro_batches, device) / world
+    batch = [step_inputs(mb, device) for mb in micro_batches]  # every copy queued at once, none waited for
+    stats = {"loss": 0.0, "sft": 0.0, "kd": 0.0, "tokens": sum(mb["attention_mask"].sum() for mb in micro_batches)}
+    for input_ids, at, target in batch:
         # Batches pads on the right, so plain causal attention is already exact on every real token: no mask. Only
         # the supervised positions get logits, the largest tensors of the step: prompts and padding need none.
-        input_ids, counted = mb["input_ids"].to(device), target != IGNORE
         with torch.no_grad():
-            logits = {k: m(input_ids, logits_at=counted) for k, m in frozen.items()}  # (N, V) each
-        loss, parts = delta_kd_loss(student(input_ids, logits_at=counted), target[counted],
-                                    logits.pop("teacher", None), logits.pop("teacher_raw", None),
-                                    logits.pop("student_raw", None), **loss_kwargs, vocab_size=vocab_size,
-                                    num_tokens=num_tokens / world, return_parts=True)  # frozen logits freed here
-        (loss * scale if scale != 1 else loss).backward()
+            logits = {k: m(input_ids, logits_at=at) for k, m in frozen.items()}  # (N, V) each
+        loss, parts = delta_kd_loss(student(input_ids, logits_at=at), target, logits.pop("teacher", None),
+                                    logits.pop("teacher_raw", None), logits.pop("student_raw", None), **loss_kwargs,
+                                    vocab_size=vocab_size, num_tokens=num_tokens, return_parts=True,
+                                    positions=torch.arange(len(target), device=device))  # frozen logits freed here
+        (loss * scale if scale != 1 else loss).backward()  # the loss scales its gradient in place: no second buffer
         for k, v in (("loss", loss.detach() * scale), ("sft", parts["sft"]), ("kd", parts["kd"])):
             stats[k] += v / world
-        stats["tokens"] += mb["attention_mask"].sum()
     return stats
+
+
+def all_reduced(parts, device):
+    """The logged values summed over ranks, in one all-reduce, as (names, values). The losses are on the device; the
+    host's numbers (tokens, seconds) join them by a copy that does not wait for the device."""
+    on_device = sorted(k for k, v in parts.items() if torch.is_tensor(v) and v.device == device)
+    on_host = sorted(set(parts) - set(on_device))
+    values = [parts[k].float().reshape(1) for k in on_device]
+    if on_host:
+        values.append(to_device(torch.stack([torch.as_tensor(parts[k], dtype=torch.float32) for k in on_host]), device))
+    values = torch.cat(values)
+    dist.all_reduce(values)
+    return on_device + on_host, values
 
 
 def checkpoints(out):
@@ -422,13 +433,11 @@ def main(argv=None):
                 parts.update({k: v / world for k, v in sampled.items()})
             else:
                 parts = kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device, world)
-            names = sorted(parts)
-            reduced = torch.stack([torch.as_tensor(parts[k], dtype=torch.float32, device=device) for k in names])
-            dist.all_reduce(reduced)
+            names, reduced = all_reduced(parts, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            # one sync per step: a bad step must stop before it reaches the weights or a checkpoint
-            if not (torch.isfinite(reduced).all() and torch.isfinite(grad_norm)):
+            # the step's one host sync: a bad step must stop before it reaches the weights or a checkpoint
+            if not torch.isfinite(torch.cat([reduced, grad_norm.reshape(1)])).all():
                 good = checkpoints(out)
                 if rank == 0:
                     print(f"error: step {step + 1}: loss {reduced[names.index('loss')].item()}, gradient norm "

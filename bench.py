@@ -911,7 +911,8 @@ def _train_step(args, world, device, fake):
         optimizer = train.make_optimizer(student, args, fused=True)
         B, T = args.micro_batch_size, args.max_len
         batch = {"input_ids": torch.zeros(B, T, dtype=torch.long), "labels": torch.zeros(B, T, dtype=torch.long),
-                 "attention_mask": torch.ones(B, T, dtype=torch.long)}
+                 "attention_mask": torch.ones(B, T, dtype=torch.long),
+                 "positions": torch.arange(B * T).view(B, T)[:, :-1].flatten()}  # each row's last predicts nothing
 
         def step(micro_batches):
             train.kd_backward(student, frozen, [batch] * micro_batches, train.loss_settings(args), vocab_size, device,

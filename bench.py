@@ -468,7 +468,7 @@ def bench_train():
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        subprocess.run([sys.executable, str(Path(__file__).parent / "data.py"), "toy", "--out", str(work / "data"),
+        subprocess.run([sys.executable, str(Path(__file__).parent / "toy.py"), "--out", str(work / "data"),
                         "--n-train", "2000", "--n-test", "10", "--n-corpus", "100"], check=True, capture_output=True)
         if cuda:
             tok = data.load_tokenizer(work / "data")

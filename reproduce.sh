@@ -257,7 +257,7 @@ student() {
 # ------------------------------------------------------------------------------------------------ 1-2. raw models
 if [[ $MODE == toy ]]; then
   stage data
-  run "$DATA_DIR/test.jsonl" "$PYTHON" data.py toy --out "$DATA_DIR" --n-train "$N_TRAIN" --n-test "$N_TEST" \
+  run "$DATA_DIR/test.jsonl" "$PYTHON" toy.py --out "$DATA_DIR" --n-train "$N_TRAIN" --n-test "$N_TEST" \
     --n-corpus "$N_CORPUS"
   # Like Qwen's, both lm_heads have more rows than the tokenizer has ids, and not the same number.
   model_config "$OUT/init/teacher" '{"model_type": "qwen2", "vocab_size": 640, "hidden_size": 128,

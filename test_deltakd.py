@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 import data
 import evaluate
 import minillm
+import toy
 import train
 from deltakd import delta_kd_loss
 from evaluate import corpus_rouge, main, porter_stem, rouge, tokenize, write_seqkd_data
@@ -881,7 +882,7 @@ def test_model_load_weights_into_fsdp2_shards(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# data.py: chat template, masks, sources, batches, toy data
+# data.py: chat template, masks, sources, batches; toy.py: the toy's data
 
 
 # Qwen2.5's chat template, verbatim (tokenizer_config.json of Qwen/Qwen2.5-*-Instruct), as the rendering oracle.
@@ -967,10 +968,10 @@ _DATA_CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def _data_toy(tmp_path_factory):
-    """A small toy set and its tokenizer, written like `python data.py toy` writes them."""
+    """A small toy set and its tokenizer, written like `python toy.py` writes them."""
     out = tmp_path_factory.mktemp("toy")
-    chats, corpus = data.toy_chats(300, seed=3), data.toy_corpus(300, seed=3)
-    tok = data.train_toy_tokenizer([data.render_chat(r["messages"]) for r in chats] + [r["text"] for r in corpus])
+    chats, corpus = toy.chats(300, seed=3), toy.corpus(300, seed=3)
+    tok = toy.train_tokenizer([data.render_chat(r["messages"]) for r in chats] + [r["text"] for r in corpus])
     tok.save(str(out / "tokenizer.json"))
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
     return out, data.load_tokenizer(out)
@@ -1013,7 +1014,7 @@ def _data_qwen_layout():
                           "normalized": False, "special": True} for k, t in enumerate(data.SPECIAL_TOKENS)],
         "normalizer": {"type": "NFC"},
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": data.QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": toy.QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
         "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
@@ -1311,7 +1312,7 @@ def test_data_weight_zero_replies_are_context(_data_toy):
 
 
 def test_data_folder_without_split_reads_train(tmp_path, _data_toy):
-    """A folder as `python data.py toy` writes it: without a split, load_rows reads train.jsonl only, not the
+    """A folder as `python toy.py` writes it: without a split, load_rows reads train.jsonl only, not the
     tokenizer's JSON nor the test and corpus rows."""
     shutil.copy(_data_toy[0] / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}, indent=2))
@@ -1525,9 +1526,9 @@ def test_data_batches_bad_arguments():
 
 # ---------------------------------------------------------------------------- toy data
 
-def test_data_toy_cli_is_deterministic_and_loads(tmp_path):
+def test_toy_cli_is_deterministic_and_loads(tmp_path):
     args = ["--n-train", "300", "--n-test", "30", "--n-corpus", "300"]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "data.py"), "toy", "--out", str(tmp_path / d),
+    procs = [subprocess.Popen([sys.executable, str(REPO / "toy.py"), "--out", str(tmp_path / d),
                                "--seed", "7", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for d in ("a", "b")]  # two processes: the Rust trainer's hash seeds differ between them
     for p in procs:
@@ -1559,19 +1560,44 @@ def test_data_toy_cli_is_deterministic_and_loads(tmp_path):
     assert max(len(e["input_ids"]) for e in examples) < 200  # short enough for tiny models
 
 
-def test_data_toy_problems_vary():
-    rows = data.toy_chats(400, seed=0)
-    assert rows == data.toy_chats(400, seed=0) and rows != data.toy_chats(400, seed=1)
+def test_toy_problems_vary():
+    rows = toy.chats(400, seed=0)
+    assert rows == toy.chats(400, seed=0) and rows != toy.chats(400, seed=1)
     shapes = set()
     for r in rows:
         shape = re.sub(r"\d+", "N", r["messages"][0]["content"])
-        for word in data.NAMES + data.ITEMS:
+        for word in toy.NAMES + toy.ITEMS:
             shape = re.sub(rf"\b{word}\b", "W", shape)
         shapes.add(shape)
     assert len(shapes) == 7  # seven problem shapes, not one template
     for r in rows[:50]:
         answer = r["messages"][1]["content"].rsplit("\\boxed{", 1)[1].rstrip("}.")
         assert answer == r["answer"]
+
+
+def test_toy_premise_regime_says_the_same_content_in_two_styles():
+    """Style B (SFT's) is style A (pre-training's) line for line, in a frame; numbers stay small; the corpus holds
+    style-A chats and never a test problem."""
+    b, a = toy.chats(300, seed=2, regime="premise"), toy.chats(300, seed=2, regime="premise", style="A")
+    assert [r["messages"][0] for r in b] == [r["messages"][0] for r in a]
+    for rb, ra in zip(b, a):
+        lines_b, lines_a = rb["messages"][1]["content"].split("\n"), ra["messages"][1]["content"].split("\n")
+        assert lines_b[0] == "Let's solve this step by step." and lines_b[-1] == "I hope this helps!"
+        steps = lines_b[1:-2]
+        assert [s.split(": ", 1)[0] for s in steps] == [f"Step {k}" for k in range(1, len(steps) + 1)]
+        assert [s.split(": ", 1)[1] for s in steps] == lines_a[:-1]
+        answer = f"\\boxed{{{rb['answer']}}}."
+        assert lines_b[-2] == f"Final answer: {answer}" and lines_a[-1] == f"The answer is {answer}"
+        numbers = [int(n) for n in re.findall(r"\d+", rb["messages"][0]["content"])]
+        assert max(numbers) <= 50 and 0 <= int(rb["answer"]) < 100  # one-digit operands, two-digit results
+    test = {r["messages"][0]["content"] for r in b[200:]}
+    corpus = toy.corpus(2000, seed=2, regime="premise", exclude=test)
+    assert len(corpus) == 2000
+    for row in corpus:
+        question, reply = re.fullmatch(r".*<\|im_start\|>user\n(.*)<\|im_end\|>\n<\|im_start\|>assistant\n(.*)"
+                                       r"<\|im_end\|>\n", row["text"], re.S).groups()
+        assert question not in test and reply.endswith("}.") and "Step" not in reply
+    assert toy.corpus(2000, seed=2, regime="premise") != corpus  # without the exclusion, test problems come up
 
 
 def test_data_reference_template_copy_is_current():
@@ -1805,7 +1831,7 @@ def _train_world(tmp_path_factory):
     """Toy chats, and random tiny models whose lm_heads have more rows than the tokenizer, like Qwen's:
     the teacher 640 rows, the student 632 (tied), the tokenizer about 630 ids."""
     root = tmp_path_factory.mktemp("train")
-    subprocess.run([sys.executable, str(REPO / "data.py"), "toy", "--out",
+    subprocess.run([sys.executable, str(REPO / "toy.py"), "--out",
                     str(root / "data"), "--n-train", "96", "--n-test", "8", "--n-corpus", "64"], check=True,
                    capture_output=True)
     teacher = dict(vocab_size=640, hidden_size=64, intermediate_size=128, num_key_value_heads=2)
@@ -2247,7 +2273,7 @@ def _eval_fit(model, tokenizer, chats, new_tokens=24, margin=2.0, max_steps=800)
 def _eval_test_chats():
     """Toy test chats, half with short replies, plus two shapes the prompt cutting must handle: a system turn with two
     exchanges (the prompt keeps the first reply), and a conversation that goes on after its last reply."""
-    chats = data.toy_chats(60, seed=1)[50:]
+    chats = toy.chats(60, seed=1)[50:]
     chats[:5] = map(_eval_short, chats[:5])
     chats.append({"id": "two-turns", "messages": [
         {"role": "system", "content": "You are a careful math tutor."},
@@ -2278,9 +2304,9 @@ def _eval_env(tmp_path_factory):
     """A model fitted to the test chats (_eval_fit), a random one, the test data, and the reference run: one
     process, --batch-size 4."""
     root = tmp_path_factory.mktemp("eval")
-    train = data.toy_chats(50, seed=1)
-    tokenizer = data.train_toy_tokenizer([data.render_chat(c["messages"]) for c in train]
-                                         + [r["text"] for r in data.toy_corpus(100)], vocab_size=400)
+    train = toy.chats(50, seed=1)
+    tokenizer = toy.train_tokenizer([data.render_chat(c["messages"]) for c in train]
+                                    + [r["text"] for r in toy.corpus(100)], vocab_size=400)
     (root / "tok").mkdir()
     tokenizer.save(str(root / "tok" / "tokenizer.json"))
     config = Qwen2Config(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), hidden_size=64,
@@ -2697,5 +2723,5 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     assert [argv[-1] for argv in _repro_commands(again, "evaluate.py")] == [str(out / "seed1/eval/fkl")]
     assert (out / "seed1/fkl/final/model.safetensors").read_bytes() == weights
     assert {p: p.read_text() for p in tables} == tables
-    assert not _repro_commands(again, "data.py")
+    assert not _repro_commands(again, "toy.py")
     assert (out / "results.md").read_text().split("\n\n")[0] in again  # printed again, as the first time

@@ -2588,6 +2588,214 @@ def test_eval_cli_bad_input_fails_before_any_work(_eval_env, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# evaluate.py --diagnose: Delta-KD's target before any student trains; the scores beside ROUGE
+
+@pytest.fixture(scope="module")
+def _diag_env(_eval_env):
+    """Three models on _eval_env's tokenizer and chats: its fitted model as the fine-tuned teacher, a copy with a
+    little noise in every weight as the raw teacher (SFT moved it little), and one with more noise as the raw student,
+    which has 5 lm_head rows past the tokenizer's ids, with weights large enough to take much of any softmax that
+    counted them. Each model is right at some positions and wrong at others, and some positions are unmoved."""
+    root = _eval_env["root"]
+    generator = torch.Generator().manual_seed(0)
+
+    def noisy(model, scale, name):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * scale * p.abs().mean())
+        model.save_pretrained(root / name, tokenizer_dir=root / "tok")
+        return root / name
+
+    teacher = Qwen2.from_pretrained(root / "model", torch.float32)
+    V = teacher.config.vocab_size
+    student = Qwen2(Qwen2Config(**{**vars(teacher.config), "vocab_size": V + 5}))
+    with torch.no_grad():
+        for p, q in zip(student.parameters(), teacher.parameters()):
+            p[:len(q)] = q
+        student.model.embed_tokens.weight[V:] = 10 * torch.randn(5, teacher.config.hidden_size, generator=generator)
+    return {"root": root, "chats": _eval_env["chats"], "t_ft": root / "model",
+            "s_raw": noisy(student, 0.3, "s-raw"), "t_raw": noisy(teacher, 0.1, "t-raw")}
+
+
+def _diag_run(env, out, teacher_raw=None, torchrun=False, alphas="0,0.5,1"):
+    argv = ["--diagnose", "--model", str(env["s_raw"]), "--teacher", str(env["t_ft"]), "--teacher-raw",
+            str(teacher_raw or env["t_raw"]), "--data", str(env["root"] / "test.jsonl"), "--alphas", alphas,
+            "--micro-batch-size", "3", "--out", str(out)]
+    if torchrun:
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(REPO / "evaluate.py"), *argv], cwd=REPO, capture_output=True, text=True,
+                             timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    else:
+        main(argv)
+    return json.loads((out / "diagnose.json").read_text())
+
+
+def _diag_oracle(env, alphas):
+    """diagnose.json's numbers in float64, one chat at a time, from the paper's formulas in probability space: each
+    pi a softmax over the tokenizer's ids, pi* = pi_t_ft * (pi_s_raw / pi_t_raw) ** alpha / Z."""
+    tokenizer = data.load_tokenizer(env["t_ft"])
+    V = tokenizer.get_vocab_size(with_added_tokens=True)
+    models = {k: Qwen2.from_pretrained(env[k], torch.float64) for k in ("t_ft", "t_raw", "s_raw")}
+    p, gold, classes, logits = {k: [] for k in models}, [], [], {k: [] for k in models}
+    for chat in env["chats"]:
+        ex = data.encode_chat(chat["messages"], tokenizer)
+        keep = torch.tensor(ex["labels"][1:]) != -100  # logits at i predict the token at i + 1
+        gold.append(torch.tensor(ex["labels"][1:])[keep])
+        classes.append(torch.from_numpy(evaluate.token_classes(chat["messages"], tokenizer)[1:]).long()[keep])
+        with torch.no_grad():
+            for k, m in models.items():
+                logits[k].append(m(torch.tensor([ex["input_ids"]]))[0, :-1][keep])
+                p[k].append(torch.softmax(logits[k][-1][:, :V], -1))
+    p, logits = {k: torch.cat(v) for k, v in p.items()}, {k: torch.cat(v) for k, v in logits.items()}
+    gold, classes = torch.cat(gold), torch.cat(classes)
+    kl = lambda a, b: (a * (a / b).log()).sum(-1)  # noqa: E731
+    right = {k: v.argmax(-1) == gold for k, v in p.items()}
+    unmoved = kl(p["t_ft"], p["t_raw"]) < 0.01
+    student_only = right["t_ft"] & right["t_raw"] & ~right["s_raw"]
+    stars = [p["t_ft"] * (p["s_raw"] / p["t_raw"]) ** a for a in alphas]
+    stars = [s / s.sum(-1, keepdim=True) for s in stars]
+
+    def summary(mask):
+        n, only = mask.sum().item(), (mask & student_only).sum().item()
+        mean = lambda x: x[mask].sum().item() / n if n else None  # noqa: E731
+        return {"positions": n, "accuracy": {k: mean(v.double()) for k, v in right.items()},
+                "unmoved_share": mean(unmoved.double()), "raw_student_only_errors": mean(student_only.double()),
+                "alphas": [{"alpha": a, "accuracy": mean((s.argmax(-1) == gold).double()),
+                            "kl_to_teacher": mean(kl(s, p["t_ft"])), "kl_to_raw_student": mean(kl(s, p["s_raw"])),
+                            "accuracy_on_raw_student_only_errors":
+                                ((s.argmax(-1) == gold) & mask & student_only).sum().item() / only if only else None}
+                           for a, s in zip(alphas, stars)]}
+    everything = torch.ones_like(unmoved)
+    return (summary(everything), summary(unmoved), {k: summary(classes == i) for i, k in enumerate(evaluate.CLASSES)},
+            logits, gold)
+
+
+def _diag_flat(record, path=""):
+    """{"alphas/1/kl_to_teacher": value, ...}: a nested record as one flat dict, for pytest.approx."""
+    items = record.items() if isinstance(record, dict) else enumerate(record) if isinstance(record, list) else None
+    if items is None:
+        return {path: record}
+    return {k: v for key, value in items for k, v in _diag_flat(value, f"{path}/{key}").items()}
+
+
+def _diag_same(got, want, rel=2e-5):
+    """Counts and shares exactly (fp32 and float64 agree on every argmax here), the KL values to rel."""
+    got, want = _diag_flat({k: got[k] for k in want}), _diag_flat(want)
+    split = lambda flat, kl: {k: v for k, v in flat.items() if ("kl" in k) == kl}  # noqa: E731
+    assert split(got, False) == split(want, False)
+    assert split(got, True) == pytest.approx(split(want, True), rel=rel, abs=rel / 10)
+
+
+def test_diagnose_matches_float64_formulas_and_the_loss(_diag_env, tmp_path, capsys):
+    alphas = [0.0, 0.5, 1.0]
+    got = _diag_run(_diag_env, tmp_path / "d")
+    everything, unmoved, classes, logits, gold = _diag_oracle(_diag_env, alphas)
+    _diag_same(got, everything)
+    _diag_same(got["unmoved"], unmoved)
+    for name, want in classes.items():
+        _diag_same(got["classes"][name], want)
+    assert sum(c["share"] for c in got["classes"].values()) == pytest.approx(1)
+    # a case that tells the identity apart from its absence: most positions unmoved, raw-student-only errors, and
+    # pi* at alpha = 1 far from the teacher there and close to the raw student
+    assert 0.5 < got["unmoved_share"] < 1 and got["raw_student_only_errors"] > 0.05
+    assert got["unmoved"]["alphas"][-1]["kl_to_raw_student"] < 0.2 * got["unmoved"]["alphas"][-1]["kl_to_teacher"]
+    # pi* is the loss's own target: the KD term of delta_kd_loss, with the teacher or the raw student as the
+    # "student", is the KL the diagnostic reports
+    V = data.load_tokenizer(_diag_env["t_ft"]).get_vocab_size(with_added_tokens=True)
+    for a, record in zip(alphas, got["alphas"]):
+        for key, student in (("kl_to_teacher", "t_ft"), ("kl_to_raw_student", "s_raw")):
+            _, parts = delta_kd_loss(logits[student], gold, logits["t_ft"], logits["t_raw"], logits["s_raw"],
+                                     alpha=a, lam=0.0, vocab_size=V, return_parts=True)
+            assert record[key] == pytest.approx(parts["kd"].item(), rel=2e-5, abs=2e-6), (a, key)
+    # the printout names its advice in plain words, and diagnose.md holds the same text
+    text = capsys.readouterr().out
+    assert "expect Delta-KD to inherit the raw student's mistakes there" in text
+    assert (tmp_path / "d" / "diagnose.md").read_text() in text
+
+
+def test_diagnose_identities_and_two_processes(_diag_env, tmp_path):
+    """alpha = 0 gives the fine-tuned teacher; the teacher as its own raw model gives the raw student at alpha = 1;
+    two processes, each with its share of the chats, give the same numbers as one."""
+    one = _diag_run(_diag_env, tmp_path / "one")
+    zero = one["alphas"][0]
+    assert zero["alpha"] == 0 and zero["accuracy"] == one["accuracy"]["t_ft"]
+    assert abs(zero["kl_to_teacher"]) < 1e-6 and zero["kl_to_raw_student"] > 0.1
+    same = _diag_run(_diag_env, tmp_path / "same", teacher_raw=_diag_env["t_ft"])
+    last = same["alphas"][-1]
+    assert last["alpha"] == 1 and last["accuracy"] == same["accuracy"]["s_raw"] != same["accuracy"]["t_ft"]
+    assert abs(last["kl_to_raw_student"]) < 1e-6 and last["kl_to_teacher"] > 0.1
+    assert same["unmoved_share"] == 1 and same["raw_student_only_errors"] > 0  # s_raw wrong there, so pi* too
+    assert last["accuracy_on_raw_student_only_errors"] == 0 and same["alphas"][0]["accuracy_on_raw_student_only_errors"] == 1
+    two = _diag_run(_diag_env, tmp_path / "two", torchrun=True)
+    _diag_same(two, one, rel=1e-9)
+
+
+def test_diagnose_bad_arguments_fail_before_any_work(_diag_env, _data_toy, tmp_path):
+    out = tmp_path / "out"
+    models = ["--diagnose", "--model", str(_diag_env["s_raw"]), "--teacher", str(_diag_env["t_ft"]),
+              "--data", str(_diag_env["root"] / "test.jsonl"), "--out", str(out)]
+
+    def fails(argv, pattern):
+        with pytest.raises(SystemExit, match=pattern):
+            main(argv)
+        assert not out.exists()
+
+    fails(models, "--diagnose needs --teacher \\(fine-tuned\\) and --teacher-raw")
+    raw = ["--teacher-raw", str(_diag_env["t_raw"])]
+    fails([*models, *raw, "--max-new-tokens", "9", "--batch-size", "2"],
+          "--max-new-tokens, --batch-size: --diagnose generates nothing")
+    fails([*models[1:], "--alphas", "0,1"], "--alphas: only for --diagnose")
+    fails([*models, *raw, "--micro-batch-size", "0"], "--micro-batch-size must be at least 1")
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(_diag_env["t_raw"], other)
+    shutil.copy(_data_toy[0] / "tokenizer.json", other / "tokenizer.json")
+    fails([*models, "--teacher-raw", str(other)], "--teacher-raw has a different tokenizer from --model's")
+    with pytest.raises(SystemExit):
+        evaluate.get_args([*models, *raw, "--alphas", "0,one"])
+
+
+def test_diagnose_token_classes(_eval_env):
+    """A digit makes a number; a word of the question, in however many pieces, is copied; another word is a word;
+    the rest is format, special tokens included."""
+    tokenizer = data.load_tokenizer(_eval_env["root"] / "tok")
+    messages = [{"role": "user", "content": "Ava has 3 Zorblaxes. How many?"},
+                {"role": "assistant", "content": "Ava has 13 zorblaxes, Quuxwerp!\nThe answer is \\boxed{13}."}]
+    ex = data.encode_chat(messages, tokenizer)
+    classes = evaluate.token_classes(messages, tokenizer)
+    reply = [(tokenizer.decode([t], skip_special_tokens=False), list(evaluate.CLASSES)[c])
+             for t, label, c in zip(ex["input_ids"], ex["labels"], classes) if label != -100]
+    assert "".join(text for text, _ in reply) == messages[1]["content"] + "<|im_end|>"
+    pieces = {"copied": "Ava has zorblaxes", "word": "Quuxwerp The answer is boxed", "number": "13"}
+    for text, name in reply:
+        if name == "format":
+            assert text == "<|im_end|>" or set(text) <= set(" ,!\n.\\{}"), text
+        else:
+            assert text.strip() in pieces[name], (text, name)
+    assert sum(name == "copied" for _, name in reply) > 3  # "zorblaxes" comes in pieces, each copied
+
+
+def test_eval_scores_beside_rouge():
+    """The final \\boxed{} answer (nested braces, the last box, none or unclosed), R-L with numbers masked, and R-L of the
+    numbers alone, each checked on a case where it differs from plain R-L."""
+    assert evaluate.boxed_answer("so \\boxed{2} or rather \\boxed{ \\frac{1}{2} }.") == "\\frac{1}{2}"
+    assert evaluate.boxed_answer("\\boxed{7") is None and evaluate.boxed_answer("7") is None
+    ref = "Ava has 3 + 4 = 7 apples.\nThe answer is \\boxed{7}."
+    wrong_number = evaluate.what_went_wrong("Ava has 3 + 4 = 8 apples.\nThe answer is \\boxed{8}.", ref)
+    assert wrong_number["rougeL_numbers_masked"] == 1.0 and not wrong_number["boxed_correct"]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    assert wrong_number["rougeL_numbers_only"] == scorer.score("3 4 7 7", "3 4 8 8")["rougeL"].fmeasure
+    wrong_words = evaluate.what_went_wrong("Ben got 3 and 4, so 7 pears. Answer: \\boxed{ 7 }", ref)
+    assert wrong_words["rougeL_numbers_only"] == 1.0 and wrong_words["boxed_correct"]
+    stemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert wrong_words["rougeL_numbers_masked"] == stemmed.score("Ava has 0 + 0 = 0 apples.\nThe answer is \\boxed{0}.",
+                                                                 "Ben got 0 and 0, so 0 pears. Answer: \\boxed{ 0 }"
+                                                                 )["rougeL"].fmeasure < 1
+    assert evaluate.what_went_wrong("no numbers", "none here") == {
+        "rougeL_numbers_masked": 0.0, "rougeL_numbers_only": None, "boxed_correct": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # reproduce.sh and README: the pipeline
 
 def _repro(*args, env=None, timeout=60):

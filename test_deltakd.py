@@ -2726,7 +2726,8 @@ def test_diagnose_identities_and_two_processes(_diag_env, tmp_path):
     assert last["alpha"] == 1 and last["accuracy"] == same["accuracy"]["s_raw"] != same["accuracy"]["t_ft"]
     assert abs(last["kl_to_raw_student"]) < 1e-6 and last["kl_to_teacher"] > 0.1
     assert same["unmoved_share"] == 1 and same["raw_student_only_errors"] > 0  # s_raw wrong there, so pi* too
-    assert last["accuracy_on_raw_student_only_errors"] == 0 and same["alphas"][0]["accuracy_on_raw_student_only_errors"] == 1
+    hits = [a["accuracy_on_raw_student_only_errors"] for a in same["alphas"]]
+    assert hits[0] == 1 and hits[-1] == 0  # pi* is t_ft, then s_raw
     two = _diag_run(_diag_env, tmp_path / "two", torchrun=True)
     _diag_same(two, one, rel=1e-9)
 
@@ -2776,8 +2777,8 @@ def test_diagnose_token_classes(_eval_env):
 
 
 def test_eval_scores_beside_rouge():
-    """The final \\boxed{} answer (nested braces, the last box, none or unclosed), R-L with numbers masked, and R-L of the
-    numbers alone, each checked on a case where it differs from plain R-L."""
+    """The final \\boxed{} answer (nested braces, the last box, none or unclosed), R-L with numbers masked, and R-L of
+    the numbers alone, each checked on a case where it differs from plain R-L."""
     assert evaluate.boxed_answer("so \\boxed{2} or rather \\boxed{ \\frac{1}{2} }.") == "\\frac{1}{2}"
     assert evaluate.boxed_answer("\\boxed{7") is None and evaluate.boxed_answer("7") is None
     ref = "Ava has 3 + 4 = 7 apples.\nThe answer is \\boxed{7}."
@@ -2827,14 +2828,23 @@ STUDY_STUDENTS = {**{k: v for k, v in TOY_STUDENTS.items() if k != "deltakd-alph
 
 @pytest.mark.parametrize("args,env", [
     (["--dry-run"], {}),
-    (["toy", "--quick", "--dry-run"], {}),
+    (["toy", "--quick", "--regime", "premise", "--dry-run"], {}),
     (["study", "--dry-run"], {"SEEDS": "3"}),
-    (["study", "--quick", "--dry-run"], {}),
+    (["study", "--quick", "--regime=knowledge", "--dry-run"], {}),
     (["paper", "--dry-run"], {}),
     (["paper", "--dry-run"], {"DATASET": "openmath", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}),
 ])
 def test_reproduce_dry_run_commands_parse(args, env):
     stdout = _repro(*args, env=env)
+    runs = re.split(r"^# reproduce\.sh .*: writing to .*$", stdout, flags=re.M)[1:]  # a study runs both regimes
+    regimes = re.findall(r"^# reproduce\.sh toy, (\w+) regime", stdout, flags=re.M)
+    assert regimes == (["knowledge", "premise"] if args == ["study", "--dry-run"] else ["premise"] if "premise" in args
+                       else [] if "paper" in args else ["knowledge"])
+    for run, regime in itertools.zip_longest(runs, regimes):
+        _repro_check_dry_run(run, args, env, regime)
+
+
+def _repro_check_dry_run(stdout, args, env, regime):
     trains = [train.get_args(argv) for argv in _repro_commands(stdout, "train.py")]  # argparse exits on any error
     evals = [evaluate.get_args(argv) for argv in _repro_commands(stdout, "evaluate.py")]
     students = _repro_students(trains)
@@ -2850,11 +2860,34 @@ def test_reproduce_dry_run_commands_parse(args, env):
     minillm = students["minillm", 0]
     assert (minillm.mix, minillm.reward_scale, minillm.ppo_epochs) == (0.2, 0.5, 4)
     assert minillm.num_rollouts == (256 if "paper" in args else 2 * minillm.batch_size)
+    # the premise diagnostic after the teacher's SFT and before the first student, on the scored test data; in the
+    # premise regime, first the gate: the raw teacher as both teachers, on the test problems in style A
+    diagnoses = [e for e in evals if e.diagnose]
+    scored = [e for e in evals if not e.write_data and not e.diagnose]
+    assert len(diagnoses) == 1 + (regime == "premise")
+    diagnose = diagnoses[-1]
+    # the SFT students need no teacher: except in the premise regime, they train beside the pre-training
+    first_student = min(stdout.index(f"--out {a.out}\n") for (name, _), a in students.items()
+                        if name != "sft" or regime == "premise")
+    raw = ("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B") if "paper" in args else \
+        tuple(str(Path(students["sft", 0].out).parent / f"{who}-raw/final") for who in ("student", "teacher"))
+    assert (diagnose.model, Path(diagnose.teacher).parent.name, diagnose.teacher_raw) == (raw[0], "teacher-ft", raw[1])
+    assert (diagnose.data, diagnose.split, diagnose.holdout, diagnose.max_len, diagnose.max_examples) == \
+        (scored[0].data, scored[0].split, scored[0].holdout, scored[0].max_len, scored[0].max_examples)
+    assert stdout.index(f"--out {Path(diagnose.teacher).parent}\n") < stdout.index(f"--out {diagnose.out}\n") < \
+        first_student
+    if regime == "premise":
+        gate = diagnoses[0]
+        assert gate.teacher == gate.teacher_raw == diagnose.teacher_raw and gate.model == diagnose.model
+        assert gate.data.endswith("test-style-a.jsonl") and gate.max_examples == diagnose.max_examples
+        assert stdout.index(f"--out {gate.out}\n") < stdout.index("report.py") < stdout.index("teacher-ft") < \
+            first_student and re.search(r"report\.py \S+ --gate 0\.02$" if "--quick" not in args else "--gate 1$",
+                                        stdout, re.M)
+        assert re.search(r"toy\.py .*--regime premise", stdout)
     # the SeqKD answers, the teacher, the raw student, and every student once
-    assert len(evals) == 1 + 2 + len(students)
-    scored = [e for e in evals if not e.write_data]
+    assert len(evals) == 1 + 2 + len(students) + len(diagnoses)
     assert len({(e.data, e.split, e.holdout, e.max_len, e.max_new_tokens, e.max_examples) for e in scored}) == 1
-    assert re.search(r"^\+ \S*python\S* report\.py", stdout, re.M)
+    assert re.search(r"^\+ \S*python\S* report\.py \S+( --study|$)", stdout, re.M)
     if "paper" not in args:
         return
     assert all(line.startswith("+ torchrun") for line in stdout.splitlines()
@@ -2874,9 +2907,11 @@ def test_reproduce_dry_run_commands_parse(args, env):
 
 
 def test_reproduce_bad_arguments():
-    result = subprocess.run(["bash", str(REPO / "reproduce.sh"), "paper", "study", "--dry-run"], capture_output=True,
-                            text=True, env={**os.environ, "PYTHON": sys.executable})
-    assert result.returncode == 2 and "study" in result.stderr
+    for args in (["paper", "study"], ["--regime", "facts"], ["paper", "--regime", "premise"], ["--regime"]):
+        result = subprocess.run(["bash", str(REPO / "reproduce.sh"), *args, "--dry-run"], capture_output=True,
+                                text=True, env={**os.environ, "PYTHON": sys.executable})
+        assert result.returncode == 2 and ("study" in result.stderr if "study" in args else
+                                           "--regime is knowledge or premise" in result.stderr), args
 
 
 def _repro_table(path):
@@ -2885,19 +2920,32 @@ def _repro_table(path):
 
 
 def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
+    """The premise regime's study at the size that checks the pipeline: data, pre-training, the gate, the teacher's
+    SFT, the diagnostic, every student over two seeds, the tables; then a rerun."""
     out = tmp_path / "toy-study"
     env = {"OUT": str(out), "SEEDS": "2"}
-    first = _repro("study", "--quick", env=env, timeout=900)
+    first = _repro("study", "--quick", "--regime", "premise", env=env, timeout=1200)
+    # the gate passed before any student trained, and the diagnostic ran on the style-B test replies
+    students = [line for line in first.splitlines() if line.startswith("+") and "train.py" in line
+                and not re.search(r"--out \S+/(teacher-raw|student-raw|teacher-ft)$", line)]
+    assert first.index("The gate passed") < first.index(students[0])
+    gate, diagnosis = (json.loads((out / d / "diagnose.json").read_text()) for d in ("gate", "diagnose"))
+    assert gate["data"].endswith("test-style-a.jsonl") and gate["models"]["t_ft"] == gate["models"]["t_raw"]
+    assert set(diagnosis) >= {"positions", "accuracy", "unmoved_share", "raw_student_only_errors", "alphas"}
+    assert [a["alpha"] for a in diagnosis["alphas"]] == [0, 0.25, 0.5, 0.75, 1]
+    assert set(diagnosis["alphas"][0]) == {"alpha", "accuracy", "kl_to_teacher", "kl_to_raw_student",
+                                           "accuracy_on_raw_student_only_errors"}
     # seed 0 as the toy's table: one run of each method, the same step budget for every student
     table = _repro_table(out / "results-seed0.md")
     assert list(table) == ["Teacher (SFT)", "Student (raw)", "SFT", "FKL", "RKL", "SeqKD", "MiniLLM", "Delta-KD",
                            "Delta-KD, alpha=0", "Delta-KD, on-policy (extension)"]
-    for method, (r1, r2, rl, steps) in table.items():
-        assert all(0.0 <= float(x) <= 1.0 for x in (r1, r2, rl)), method
-    steps = {row[3] for name, row in table.items() if name not in ("Teacher (SFT)", "Student (raw)")}
-    assert len(steps) == 1 and table["Student (raw)"][3] == "0"
+    for method, (*values, steps) in table.items():
+        assert len(values) == 6 and all(0.0 <= float(x) <= 1.0 for x in values), method
+    steps = {row[-1] for name, row in table.items() if name not in ("Teacher (SFT)", "Student (raw)")}
+    assert len(steps) == 1 and table["Student (raw)"][-1] == "0"
     notes = (out / "results-seed0.md").read_text()
     assert "pre-training (corpus) loss" in notes and "sampled replies in all" in notes
+    assert "The gate, before any student trained" in notes and (out / "diagnose/diagnose.md").read_text() in notes
     # alpha = 0 is forward KL, bit for bit: the same weights, so the same replies
     assert (out / "fkl/final/model.safetensors").read_bytes() == \
         (out / "deltakd-alpha0/final/model.safetensors").read_bytes()
@@ -2906,27 +2954,31 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {name: sorted(runs) for name, runs in results["runs"].items()} == {
         name: ["0", "1"] for name in STUDY_STUDENTS}
-    assert results["runs"]["fkl"]["0"] == json.loads((out / "eval/fkl/summary.json").read_text())["rouge_stemmed"]
+    saved = json.loads((out / "eval/fkl/summary.json").read_text())
+    assert results["runs"]["fkl"]["0"] == {**saved["rouge_stemmed"], "rougeL_numbers_masked":
+                                           saved["rougeL_numbers_masked"], "rougeL_numbers_only":
+                                           saved["rougeL_numbers_only"], "boxed_accuracy": saved["boxed_accuracy"]}
     rows = _repro_table(out / "results.md")
     assert "pre-training (corpus) loss" in (out / "results.md").read_text()
     assert list(rows)[:2] == ["Teacher (SFT)", "Student (raw)"] and len(rows) == 2 + len(STUDY_STUDENTS)
-    for name, (r1, r2, rl, diff, wins, steps) in list(rows.items())[2:]:
-        assert all("±" in x for x in (r1, r2, rl)), name
+    for name, (r1, r2, rl, diff, wins, masked, numbers, answer, steps) in list(rows.items())[2:]:
+        assert all("±" in x for x in (r1, r2, rl, masked, numbers, answer)), name
         assert (diff, wins) == ("", "") if name == "FKL" else ("±" in diff and re.fullmatch(r"[0-2]/2", wins)), name
     try:
         import matplotlib  # noqa: F401
-        assert (out / "alpha.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+        assert all((out / png).stat().st_size > 0 for png in ("alpha.png", "curves.png", "diagnose.png"))
     except ImportError:
         assert "pip install matplotlib" in first
     times = json.loads((out / "times.json").read_text())
-    assert set(times["stages"]) == {"data", "pre-training", "teacher SFT", "students", "study"} and times["total"] > 0
+    assert set(times["stages"]) == {"data", "pre-training", "gate", "teacher SFT", "diagnostic", "students",
+                                    "study"} and times["total"] > 0
     # A rerun reuses every finished step and writes the same tables; one run deleted is made again, bit for bit (FKL
     # of seed 1: it enters every paired difference).
     tables = {p: p.read_text() for p in (out / "results.md", out / "results-seed0.md", out / "results.json")}
     weights = (out / "seed1/fkl/final/model.safetensors").read_bytes()
     shutil.rmtree(out / "seed1/fkl")
     shutil.rmtree(out / "seed1/eval/fkl")
-    again = _repro("study", "--quick", env=env, timeout=300)
+    again = _repro("study", "--quick", "--regime", "premise", env=env, timeout=300)
     assert [argv[-1] for argv in _repro_commands(again, "train.py")] == [str(out / "seed1/fkl")]
     assert [argv[-1] for argv in _repro_commands(again, "evaluate.py")] == [str(out / "seed1/eval/fkl")]
     assert (out / "seed1/fkl/final/model.safetensors").read_bytes() == weights

@@ -2914,8 +2914,8 @@ def test_reproduce_bad_arguments():
                                            "--regime is knowledge or premise" in result.stderr), args
 
 
-def _repro_table(path):
-    rows = [line for line in Path(path).read_text().splitlines() if line.startswith("| ") and "---" not in line]
+def _repro_table(path):  # the file's first table, which opens it
+    rows = [line for line in Path(path).read_text().split("\n\n")[0].splitlines() if "---" not in line]
     return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
 
 

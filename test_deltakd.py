@@ -1577,7 +1577,7 @@ def test_toy_problems_vary():
 
 def test_toy_premise_regime_says_the_same_content_in_two_styles():
     """Style B (SFT's) is style A (pre-training's) line for line, in a frame; numbers stay small; the corpus holds
-    style-A chats and never a test problem."""
+    style-A chats and, a quarter of it, style-B plain text, and never a test problem."""
     b, a = toy.chats(300, seed=2, regime="premise"), toy.chats(300, seed=2, regime="premise", style="A")
     assert [r["messages"][0] for r in b] == [r["messages"][0] for r in a]
     for rb, ra in zip(b, a):
@@ -1593,10 +1593,15 @@ def test_toy_premise_regime_says_the_same_content_in_two_styles():
     test = {r["messages"][0]["content"] for r in b[200:]}
     corpus = toy.corpus(2000, seed=2, regime="premise", exclude=test)
     assert len(corpus) == 2000
+    texts = 0
     for row in corpus:
-        question, reply = re.fullmatch(r".*<\|im_start\|>user\n(.*)<\|im_end\|>\n<\|im_start\|>assistant\n(.*)"
-                                       r"<\|im_end\|>\n", row["text"], re.S).groups()
-        assert question not in test and reply.endswith("}.") and "Step" not in reply
+        chat = re.fullmatch(r".*<\|im_start\|>user\n(.*)<\|im_end\|>\n<\|im_start\|>assistant\n(.*)<\|im_end\|>\n",
+                            row["text"], re.S)
+        question, reply = chat.groups() if chat else re.fullmatch(r"Problem: (.*?)\nSolution: (.*)", row["text"],
+                                                                  re.S).groups()
+        assert question not in test and (reply.startswith("Let's solve") != bool(chat)), row["text"]
+        texts += not chat
+    assert 0.2 < texts / len(corpus) < 0.3
     assert toy.corpus(2000, seed=2, regime="premise") != corpus  # without the exclusion, test problems come up
 
 

@@ -8,9 +8,12 @@ Two regimes, two answers to "what did the raw models learn before SFT?":
 - premise: Delta-KD's premise (arXiv 2509.14526), that the raw student is a good base for the teacher's SFT shift.
   The corpus holds the same kind of word problems already in chats, replied in style A; SFT teaches style B, which
   carries the same content in a new frame: an opening line, "Step k: " before each step, a "Final answer:" line and a
-  closing line. The numbers are small (one-digit operands, two-digit results), so that the raw student can master
-  the content as well as the raw teacher; reproduce.sh's gate checks it on test-style-a.jsonl, the test problems
-  replied in style A. The corpus never holds a test problem.
+  closing line. A quarter of the corpus is worked problems as plain text in style B: like a real base model, the raw
+  ones know the frame's words and can read them (a first version without these texts left the frame's embeddings
+  untrained, and the raw models lost the content inside it), but answer a chat in style A. The numbers are small
+  (one-digit operands, two-digit results), so that the raw student can master the content as well as the raw
+  teacher; reproduce.sh's gate checks it on test-style-a.jsonl, the test problems replied in style A.
+The corpus never holds a test problem.
 """
 import argparse
 import json
@@ -119,14 +122,18 @@ def corpus(n, seed=0, regime="knowledge", exclude=()):
     """Text to pre-train raw models, leaving out the questions in `exclude` (the test set's).
     knowledge: worked problems, sums, and short chats about sums. Real base models have seen chat markup before
     their SFT, so the toy ones do too; what SFT adds is answering word problems in a chat.
-    premise: word problems in chats, replied in style A, rendered with the chat template."""
+    premise: word problems in chats replied in style A, rendered with the chat template; a quarter of them as plain
+    text in style B, the way a base model has seen step-by-step solutions outside chats."""
     rng, rows, exclude = random.Random(f"corpus-{seed}"), [], set(exclude)
     while len(rows) < n:
-        kind, question = (0.0 if regime == "premise" else rng.random()), None
-        if kind < 0.5:
-            question, steps, answer = problem(rng, small=regime == "premise")
-            text = render_chat(_chat("", question, style_a(steps, answer), answer)["messages"]) \
-                if regime == "premise" else f"Problem: {question}\nSolution: {knowledge_reply(rng, steps, answer)}"
+        kind, question = rng.random(), None
+        if regime == "premise":
+            question, steps, answer = problem(rng, small=True)
+            text = f"Problem: {question}\nSolution: {style_b(steps, answer)}" if kind < 0.25 else \
+                render_chat(_chat("", question, style_a(steps, answer), answer)["messages"])
+        elif kind < 0.5:
+            question, steps, answer = problem(rng)
+            text = f"Problem: {question}\nSolution: {knowledge_reply(rng, steps, answer)}"
         elif kind < 0.75:
             text = " ".join(_sum(rng) for _ in range(rng.randint(3, 8)))
         else:

@@ -305,11 +305,12 @@ if [[ $MODE == toy ]]; then
   stage data
   run "$DATA_DIR/test.jsonl" "$PYTHON" toy.py --out "$DATA_DIR" --regime "$REGIME" --n-train "$N_TRAIN" \
     --n-test "$N_TEST" --n-corpus "$N_CORPUS"
-  # Like Qwen's, both lm_heads have more rows than the tokenizer has ids, and not the same number.
-  model_config "$OUT/init/teacher" '{"model_type": "qwen2", "vocab_size": 640, "hidden_size": 128,
+  # Like Qwen's, both lm_heads have more rows than the tokenizer has ids, and not the same number: more than any toy
+  # tokenizer can have (toy.py --vocab-size, 768), whatever the data it learns from.
+  model_config "$OUT/init/teacher" '{"model_type": "qwen2", "vocab_size": 784, "hidden_size": 128,
   "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
   "rope_theta": 1000000.0, "tie_word_embeddings": false, "max_position_embeddings": 512}'
-  model_config "$OUT/init/student" '{"model_type": "qwen2", "vocab_size": 632, "hidden_size": 64,
+  model_config "$OUT/init/student" '{"model_type": "qwen2", "vocab_size": 776, "hidden_size": 64,
   "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
   "rope_theta": 1000000.0, "tie_word_embeddings": true, "max_position_embeddings": 512}'
   stage pre-training

@@ -615,7 +615,7 @@ def bench_train():
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        subprocess.run([sys.executable, str(Path(__file__).parent / "data.py"), "toy", "--out", str(work / "data"),
+        subprocess.run([sys.executable, str(Path(__file__).parent / "toy.py"), "--out", str(work / "data"),
                         "--n-train", "2000", "--n-test", "10", "--n-corpus", "100"], check=True, capture_output=True)
         if cuda:
             tok = data.load_tokenizer(work / "data")
@@ -1137,8 +1137,8 @@ def _generate_timed(model, prompts, lengths, slots, refill):
 
 
 def bench_generate(as_json=False, n=4000, timed=256, world=8):
-    print(f"generate: static vs continuous batching (model.Decoder) on UltraChat-like reply lengths: lognormal, median "
-          f"280 tokens, sigma 0.9, capped at 2048; prompts taken in length order, which is unrelated to reply length")
+    print("generate: static vs continuous batching (model.Decoder) on UltraChat-like reply lengths: lognormal, median "
+          "280 tokens, sigma 0.9, capped at 2048; prompts taken in length order, which is unrelated to reply length")
     lengths = _generate_lengths(n)
     print(f"  utilization (live-row decode steps / (slots x steps)): Decoder.run, the real scheduler, over a stand-in "
           f"that stops each row at its drawn length; {n} prompts (mean reply {np.mean(lengths):.0f} tokens)")

@@ -1,4 +1,4 @@
-"""Data for deltakd: Qwen2.5 chat formatting with response-only labels, dataset loading, sharded batches, toy data.
+"""Data for deltakd: Qwen2.5 chat formatting with response-only labels, dataset loading, sharded batches.
 
     load_rows(spec) -> rows -> build_examples(rows, tokenizer, max_len) -> examples -> Batches(examples, ...)
 
@@ -10,12 +10,10 @@
   would not match transformers' apply_chat_template) and takes the labels from the tokens' character offsets.
 References: the Qwen2.5 chat template (ChatML); HuggingFaceH4/ultrachat_200k; nvidia/OpenMathReasoning.
 """
-import argparse
 import hashlib
 import itertools
 import json
 import math
-import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -252,7 +250,7 @@ def fits(rows, tokenizer, max_len):
 
 def load_rows(spec, split=None, max_rows=None, skip_bad=False, holdout=None, fit=None):
     """Rows of a file, or of one split of a folder or Hub dataset. With split None: a Hub dataset's default split
-    (ADAPTERS, else "train"); a folder's "train" files if it has any (from a `python data.py toy` folder, train.jsonl
+    (ADAPTERS, else "train"); a folder's "train" files if it has any (from a `python toy.py` folder, train.jsonl
     alone, not mixed with test.jsonl, corpus.jsonl and tokenizer.json), else all its files.
 
     Filters, in this order: holdout="train" leaves out the rows held_out() puts in the test share, holdout="test"
@@ -456,155 +454,3 @@ def step_inputs(micro_batch, device, fields=("labels",)):
     at = micro_batch["positions"]
     return [to_device(x, device) for x in (micro_batch["input_ids"], at,
                                            *(micro_batch[k].flatten()[at + 1] for k in fields))]
-
-# ---------------------------------------------------------------------------- toy data
-
-NAMES = "Ava Ben Chloe Dev Emma Farid Grace Hugo Iris Jonas Kira Liam Maya Noah Olga Priya Sam Tara".split()
-ITEMS = "apples pencils stickers marbles books cookies stamps shells cards beads".split()
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-              r"|\s+(?!\S)|\s+")  # Qwen2's pre-tokenizer: single digits, newline runs kept together
-# Qwen2.5's template without its tools branch: this project has no tool calls. Shipped in the toy
-# tokenizer_config.json, so that transformers' apply_chat_template renders the toy chats as render_chat does.
-CHAT_TEMPLATE = ("{%- if not messages or messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n"
-                 + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + "
-                 "m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
-                 "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
-
-
-def _toy_problem(rng):
-    """(question, solution steps, answer) in one of seven shapes with varied names, items and numbers: a model must
-    read the question to choose the steps, and carry its numbers through them."""
-    a, b = rng.sample(NAMES, 2)
-    item, kind, r = rng.choice(ITEMS), rng.randrange(7), rng.randint
-    if kind == 0:
-        x, y = r(5, 60), r(2, 40)
-        z = r(1, x + y)
-        return (f"{a} has {x} {item}. {b} gives {a} {y} more, and then {a} loses {z}. How many {item} does {a} have "
-                f"now?", [f"{a} starts with {x} {item}.", f"After getting {y} more, {a} has {x} + {y} = {x + y}.",
-                          f"After losing {z}, {a} has {x + y} - {z} = {x + y - z}."], x + y - z)
-    if kind == 1:
-        n, p = r(2, 9), r(2, 15)
-        bill = next(v for v in (20, 50, 100, 200) if v >= n * p)
-        return (f"{a} buys {n} {item} for ${p} each and pays with a ${bill} bill. How much change does {a} get?",
-                [f"The {item} cost {n} x {p} = {n * p} dollars.",
-                 f"The change is {bill} - {n * p} = {bill - n * p} dollars."], bill - n * p)
-    if kind == 2:
-        k, each, kept = r(2, 9), r(2, 12), r(1, 9)
-        total = k * each + kept
-        return (f"{a} has {total} {item}, keeps {kept} and shares the rest equally among {k} friends. How many {item} "
-                f"does each friend get?", [f"{a} shares {total} - {kept} = {total - kept} {item}.",
-                                           f"Each friend gets {total - kept} / {k} = {each} {item}."], each)
-    if kind == 3:
-        w, l = r(2, 30), r(2, 30)
-        return (f"{a}'s garden is {w} m wide and {l} m long. What is its perimeter in meters?",
-                [f"The perimeter is 2 x ({w} + {l}).", f"{w} + {l} = {w + l}, and 2 x {w + l} = {2 * (w + l)}."],
-                2 * (w + l))
-    if kind == 4:
-        w, l = r(2, 30), r(2, 30)
-        return (f"{a}'s garden is {w} m wide and {l} m long. What is its area in square meters?",
-                ["The area is the width times the length.", f"{w} x {l} = {w * l}."], w * l)
-    if kind == 5:
-        s1, h1, s2, h2 = r(20, 90), r(2, 5), r(20, 90), r(2, 5)
-        return (f"{a} drives at {s1} km/h for {h1} hours, then at {s2} km/h for {h2} hours. How far does {a} drive in "
-                f"total?", [f"First part: {s1} x {h1} = {s1 * h1} km.", f"Second part: {s2} x {h2} = {s2 * h2} km.",
-                            f"Total: {s1 * h1} + {s2 * h2} = {s1 * h1 + s2 * h2} km."], s1 * h1 + s2 * h2)
-    x, m = r(2, 25), r(2, 6)
-    return (f"{a} has {x} {item}. {b} has {m} times as many. How many {item} do they have together?",
-            [f"{b} has {m} x {x} = {m * x} {item}.", f"Together they have {x} + {m * x} = {x + m * x} {item}."],
-            x + m * x)
-
-
-def _toy_solution(rng, steps, answer):
-    intro = rng.choice(["", "Let's solve this step by step.\n", "We work it out one step at a time.\n"])
-    return intro + "\n".join(steps) + f"\nThe answer is \\boxed{{{answer}}}."
-
-
-def toy_chats(n, seed=0):
-    """n distinct word problems as {"id", "answer", "messages"} rows, in the style of OpenMathReasoning."""
-    rng, rows, seen = random.Random(f"chats-{seed}"), [], set()
-    while len(rows) < n:
-        question, steps, answer = _toy_problem(rng)
-        if question not in seen:
-            seen.add(question)
-            rows.append({"id": f"toy-{len(rows)}", "answer": str(answer), "messages": [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": _toy_solution(rng, steps, answer)}]})
-    return rows
-
-
-def toy_corpus(n, seed=0):
-    """Text to pre-train raw models: worked problems, sums, and short chats about sums. Real base models have seen
-    chat markup before their SFT, so the toy ones do too; what SFT adds is answering word problems in a chat."""
-    rng, rows = random.Random(f"corpus-{seed}"), []
-    for i in range(n):
-        kind = rng.random()
-        if kind < 0.5:
-            question, steps, answer = _toy_problem(rng)
-            text = f"Problem: {question}\nSolution: {_toy_solution(rng, steps, answer)}"
-        elif kind < 0.75:
-            text = " ".join(_toy_sum(rng) for _ in range(rng.randint(3, 8)))
-        else:
-            question = _toy_sum(rng)
-            text = render_chat([{"role": "user", "content": f"What is {question.split(' =')[0]}?"},
-                                {"role": "assistant", "content": question}])
-        rows.append({"id": f"corpus-{i}", "text": text})
-    return rows
-
-
-def _toy_sum(rng):
-    x, op, y = rng.randint(1, 99), rng.choice("+-x"), rng.randint(1, 12)
-    value = {"+": x + y, "-": x - y, "x": x * y}[op]
-    return f"{x} {op} {y} = {value}."
-
-
-def train_toy_tokenizer(texts, vocab_size=768):
-    """Byte-level BPE laid out like Qwen's: NFC, Qwen's split regex, byte level, special tokens after the BPE vocab.
-    Offsets are not trimmed: encode_chat's labels need every token's exact character span."""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    # Train on the text between special tokens: that is what encode() sees.
-    special = "|".join(map(re.escape, SPECIAL_TOKENS))
-    tok.train_from_iterator([piece for t in texts for piece in re.split(special, t) if piece], trainer)
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
-
-
-def main():
-    parser = argparse.ArgumentParser(description="deltakd data tools")
-    toy = parser.add_subparsers(dest="command", required=True).add_parser(
-        "toy", help="write synthetic arithmetic chats, a plain-text corpus and a tokenizer")
-    toy.add_argument("--out", required=True, help="output folder")
-    toy.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files")
-    toy.add_argument("--n-train", type=int, default=4000, help="training chats (train.jsonl)")
-    toy.add_argument("--n-test", type=int, default=200, help="held-out chats (test.jsonl)")
-    toy.add_argument("--n-corpus", type=int, default=8000, help="plain-text documents for pre-training (corpus.jsonl)")
-    toy.add_argument("--vocab-size", type=int, default=768, help="most tokens, special tokens included")
-    args = parser.parse_args()
-
-    # --- data
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    chats, corpus = toy_chats(args.n_train + args.n_test, args.seed), toy_corpus(args.n_corpus, args.seed)
-    train, test = chats[:args.n_train], chats[args.n_train:]
-    for name, rows in (("train", train), ("test", test), ("corpus", corpus)):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    # --- tokenizer
-    tok = train_toy_tokenizer([render_chat(r["messages"]) for r in train] + [r["text"] for r in corpus],
-                              args.vocab_size)
-    tok.save(str(out / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-              "pad_token": "<|endoftext|>", "model_max_length": 32768, "chat_template": CHAT_TEMPLATE}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    print(f"wrote {len(train)} train and {len(test)} test chats, {len(corpus)} corpus texts and a "
-          f"{tok.get_vocab_size(with_added_tokens=True)}-token tokenizer to {out}")
-
-
-if __name__ == "__main__":
-    main()

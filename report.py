@@ -1,15 +1,19 @@
 """The tables, statistics and plots of reproduce.sh, made from its finished run folders.
 
-    python report.py runs/toy       results.md (one run of each method) and times.json (seconds per stage)
-    python report.py runs/toy-study --study --seeds 5 --methods sft fkl ...
+    python report.py runs/toy       results.md (one run of each method, and the premise diagnostic) and times.json
+                                    (seconds per stage)
+    python report.py runs/toy-study-premise --study --seeds 5 --methods sft fkl ...
                                     the study: results.md (mean ± sd over seeds, each method paired with FKL on the
-                                    same seeds), results.json (every run's scores), alpha.png and curves.png, and
-                                    results-seed0.md (seed 0's runs as the toy's table)
+                                    same seeds), results.json (every run's scores), alpha.png, curves.png and
+                                    diagnose.png, and results-seed0.md (seed 0's runs as the toy's table)
+    python report.py runs/toy-study-premise --gate 0.02
+                                    the premise regime's gate: exits 1 unless the raw student's accuracy on held-out
+                                    replies in the pre-training style is within 0.02 of the raw teacher's
 
 Everything is read from the folders reproduce.sh writes: eval/<name>/summary.json for the scores, <name>/metrics.jsonl
-for the training curves and step counts, checkpoints' trainer_state.json for MiniLLM's settings, times.tsv for the
-seconds. Seed s > 0 lives under seed<s>/. results.md holds no times, so that two runs of the same commands write the
-same file; the times go to times.json.
+for the training curves and step counts, checkpoints' trainer_state.json for MiniLLM's settings, diagnose/ and gate/
+for evaluate.py --diagnose, times.tsv for the seconds. Seed s > 0 lives under seed<s>/. results.md holds no times, so
+that two runs of the same commands write the same file; the times go to times.json.
 """
 import argparse
 import json
@@ -21,6 +25,9 @@ LABELS = {"teacher-ft": "Teacher (SFT)", "student-raw": "Student (raw)", "sft": 
           "seqkd": "SeqKD", "minillm": "MiniLLM", "deltakd": "Delta-KD", "deltakd-alpha0": "Delta-KD, alpha=0",
           "deltakd-onpolicy": "Delta-KD, on-policy (extension)"}
 KEYS = ("rouge1", "rouge2", "rougeL")
+# evaluate.py's scores beside ROUGE: where a reply goes wrong, in the numbers or in the words and format
+WRONG = {"rougeL_numbers_masked": "R-L, numbers masked", "rougeL_numbers_only": "R-L of the numbers",
+         "boxed_accuracy": "answer right"}
 
 
 def label(name):
@@ -46,7 +53,12 @@ def summary(out, name, seed=0):
 
 
 def scores(out, name, seed=0):
-    return summary(out, name, seed)["rouge_stemmed"]
+    s = summary(out, name, seed)
+    return {**s["rouge_stemmed"], **{k: s[k] for k in WRONG}}
+
+
+def cell(x):
+    return "—" if x is None else f"{x:.4f}"
 
 
 def metrics(run):
@@ -89,16 +101,16 @@ def pretraining(run):
 # ------------------------------------------------------------------------------------------------ the toy's table
 
 def toy_table(out):
-    return table_of_runs(out) + "\n" + "\n".join(toy_notes(out)) + "\n"
+    return table_of_runs(out) + "\n" + "\n".join(toy_notes(out)) + "\n" + diagnosis(out)
 
 
 def table_of_runs(out):
     names = list(LABELS)
-    lines = ["| Method | R-1 | R-2 | R-L | steps |", "|---|---|---|---|---|"]
+    lines = ["| Method | R-1 | R-2 | R-L | " + " | ".join(WRONG.values()) + " | steps |", "|---" * 8 + "|"]
     for name in names:
         r = scores(out, name)
-        lines.append(f"| {label(name)} | {r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} | "
-                     f"{steps(out / name) if name != 'student-raw' else 0} |")
+        lines.append(f"| {label(name)} | " + " | ".join(cell(r[k]) for k in (*KEYS, *WRONG))
+                     + f" | {steps(out / name) if name != 'student-raw' else 0} |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +120,10 @@ def toy_notes(out):
     notes = [f"ROUGE F, stemmed, mean over the {teacher['examples']} held-out examples; one step budget for every "
              f"student. The ROUGE ceiling (each reference cut at --max-new-tokens {teacher['max_new_tokens']}) is R-L "
              f"{teacher['ceiling_stemmed']['rougeL']:.4f}.",
+             f"{WRONG['rougeL_numbers_masked']}: R-L with every number replaced by one symbol, so the words and the "
+             f"format alone; {WRONG['rougeL_numbers_only']}: R-L of the replies' numbers alone, in order, over the "
+             f"{teacher['number_references']} references that hold some; {WRONG['boxed_accuracy']}: the share of "
+             f"replies whose final \\boxed{{}} answer is the reference's ({teacher['boxed_references']} have one).",
              "Student (raw): the student before any fine-tuning, the distribution Delta-KD builds its target on.",
              f"MiniLLM: {n_rollouts} sampled replies in all, {per_phase} per rollout phase of {phase} optimizer steps.",
              "Delta-KD, on-policy: an extension, not in the paper: on a seeded half of the steps the KD term is "
@@ -116,6 +132,27 @@ def toy_notes(out):
         if (loss := pretraining(out / f"{who}-raw")) is not None:
             notes.append(f"Raw {who}'s pre-training (corpus) loss: {loss}.")
     return notes
+
+
+def gate_numbers(out):
+    """The premise regime's gate, as measured: (raw student's accuracy, raw teacher's, the sentence that says so)."""
+    d = json.loads((out / "gate" / "diagnose.json").read_text())
+    student, teacher = d["accuracy"]["s_raw"], d["accuracy"]["t_raw"]
+    return student, teacher, (f"The gate, before any student trained: on the {d['positions']} reply positions of the "
+                              f"{d['examples']} held-out test problems written in the pre-training style (A), the raw "
+                              f"student is right (argmax = gold) {100 * student:.1f}% of the time and the raw teacher "
+                              f"{100 * teacher:.1f}%.")
+
+
+def diagnosis(out):
+    """The gate's numbers and the premise diagnostic's tables (evaluate.py --diagnose), where the run made them."""
+    text = ""
+    if (out / "gate" / "diagnose.json").exists():
+        text += "\n" + gate_numbers(out)[2] + "\n"
+    if (out / "diagnose" / "diagnose.md").exists():
+        text += ("\nDelta-KD's target before any student trained (evaluate.py --diagnose, teacher-forced on the test "
+                 "replies):\n\n" + (out / "diagnose" / "diagnose.md").read_text())
+    return text
 
 
 def times(out):
@@ -165,21 +202,25 @@ def fmt(m, sd, sign=""):
 def study(out, seeds, methods):
     runs = {name: {s: scores(out, name, s) for s in seeds} for name in methods}
     shared = {name: scores(out, name) for name in ("teacher-ft", "student-raw")}
-    table = ["| Method | R-1 | R-2 | R-L | R-L − FKL | wins vs FKL | steps |", "|---|---|---|---|---|---|---|"]
+    table = ["| Method | R-1 | R-2 | R-L | R-L − FKL | wins vs FKL | " + " | ".join(WRONG.values()) + " | steps |",
+             "|---" * 10 + "|"]
     for name, r in shared.items():
-        table.append(f"| {label(name)} | " + " | ".join(f"{r[k]:.4f}" for k in KEYS)
-                     + f" | | | {steps(out / name) if name != 'student-raw' else 0} |")
+        n = 0 if name == "student-raw" else steps(out / name)
+        table.append(f"| {label(name)} | " + " | ".join(cell(r[k]) for k in KEYS) + " | | | "
+                     + " | ".join(cell(r[k]) for k in WRONG) + f" | {n} |")
     result = {}
     for name in methods:
-        result[name] = {k: mean_sd([runs[name][s][k] for s in seeds]) for k in KEYS}
+        result[name] = {k: mean_sd([runs[name][s][k] for s in seeds]) for k in (*KEYS, *WRONG)
+                        if runs[name][seeds[0]][k] is not None}
         diff, wins = "", ""
         if "fkl" in runs and name != "fkl":  # paired: the same seed is the same data order
             d = [runs[name][s]["rougeL"] - runs["fkl"][s]["rougeL"] for s in seeds]
             result[name]["rougeL_minus_fkl"] = mean_sd(d)
             result[name]["wins_vs_fkl"] = sum(x > 0 for x in d)
             diff, wins = fmt(*mean_sd(d), sign="+"), f"{sum(x > 0 for x in d)}/{len(seeds)}"
-        table.append(f"| {label(name)} | " + " | ".join(fmt(*result[name][k]) for k in KEYS)
-                     + f" | {diff} | {wins} | {steps(out / name)} |")
+        table.append(f"| {label(name)} | " + " | ".join(fmt(*result[name][k]) for k in KEYS) + f" | {diff} | {wins} | "
+                     + " | ".join(fmt(*result[name][k]) if k in result[name] else "—" for k in WRONG)
+                     + f" | {steps(out / name)} |")
     S = len(seeds)
     teacher = summary(out, "teacher-ft")
     notes = [f"ROUGE F, stemmed, on the same {teacher['examples']} held-out examples for every "
@@ -197,8 +238,8 @@ def study(out, seeds, methods):
         alpha0 = scores(out, "deltakd-alpha0")
     notes[-1] += ("at seed 0 Delta-KD with alpha=0 scored exactly what FKL scored." if fkl and fkl == alpha0 else
                   "its alpha = 0 run at seed 0 is missing or DIFFERS from FKL: see results-seed0.md.")
-    notes += toy_notes(out)[1:]  # the raw student, MiniLLM's rollouts, on-policy, the raw models' pre-training
-    text = "\n".join(table) + "\n\n" + "\n\n".join(notes) + "\n"
+    notes += toy_notes(out)[1:]  # the scores beside ROUGE, the raw student, MiniLLM, on-policy, the pre-training
+    text = "\n".join(table) + "\n\n" + "\n\n".join(notes) + "\n" + diagnosis(out)
     (out / "results.md").write_text(text)
     (out / "results-seed0.md").write_text(toy_table(out))
     (out / "results.json").write_text(json.dumps(
@@ -247,6 +288,29 @@ def plots(out, seeds, methods, runs):
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     print(f"wrote {out / 'alpha.png'} and {out / 'curves.png'}")
+    diagnosis_plot(out, plt)
+
+
+def diagnosis_plot(out, plt):
+    """pi*'s accuracy against alpha, on every position and on the raw-student-only errors, with the fine-tuned
+    teacher's and the raw student's accuracy as levels: what a student that matched the target would get right."""
+    path = out / "diagnose" / "diagnose.json"
+    if not path.exists():
+        return
+    d = json.loads(path.read_text())
+    x = [a["alpha"] for a in d["alphas"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [a["accuracy"] for a in d["alphas"]], "o-", color="C0", label="pi*, all positions")
+    ax.plot(x, [a["accuracy_on_raw_student_only_errors"] for a in d["alphas"]], "s-", color="C3",
+            label=f"pi*, raw-student-only errors ({100 * d['raw_student_only_errors']:.1f}% of positions)")
+    ax.axhline(d["accuracy"]["t_ft"], ls="--", color="0.3", label="fine-tuned teacher, all positions")
+    ax.axhline(d["accuracy"]["s_raw"], ls=":", color="0.3", label="raw student, all positions")
+    ax.set(xlabel="alpha (0 is FKL's target, the fine-tuned teacher)", ylabel="accuracy (argmax = gold token)",
+           ylim=(-0.02, 1.02), title=f"Delta-KD's target, {d['positions']} test positions ({out.name})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "diagnose.png", dpi=120)
+    print(f"wrote {out / 'diagnose.png'}")
 
 
 def main():
@@ -255,7 +319,16 @@ def main():
     p.add_argument("--study", action="store_true", help="the study's tables, over --seeds and --methods")
     p.add_argument("--seeds", type=int, default=1, help="the study's seeds: 0 .. SEEDS-1")
     p.add_argument("--methods", nargs="+", default=[], help="the study's students, by run name")
+    p.add_argument("--gate", type=float, metavar="POINTS",
+                   help="only the premise regime's gate: exit 1 unless the raw student's accuracy on OUT/gate is at "
+                        "least the raw teacher's minus POINTS (0.02: two points)")
     args = p.parse_args()
+    if args.gate is not None:
+        student, teacher, numbers = gate_numbers(args.out)
+        if student < teacher - args.gate:
+            raise SystemExit(f"{numbers} The gate FAILED: the student is more than {100 * args.gate:g} points behind. "
+                             "Pre-train longer (PRETRAIN_STEPS) in a fresh OUT, before any student trains.")
+        return print(f"{numbers} The gate passed: within {100 * args.gate:g} points.")
     if args.study:
         study(args.out, list(range(args.seeds)), args.methods)
     else:

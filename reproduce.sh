@@ -4,11 +4,18 @@
 # check, and Delta-KD on the student's own samples as an extension), ROUGE on held-out data.
 #
 #   bash reproduce.sh [toy] [--quick]   offline on a CPU: toy tokenizer, data and models, pre-trained here (default)
-#   bash reproduce.sh study [--quick]   the toy with raw models pre-trained 4 times longer, until their corpus loss
-#                                       levels off, then every student method over SEEDS seeds (default 5; 2 with
-#                                       --quick) and Delta-KD's alpha at 0.25, 0.5 and 0.75: mean ± sd over the seeds
-#                                       and each method's paired difference from FKL, in runs/toy-study
+#   bash reproduce.sh study [--quick]   the toy as an experiment, in both regimes of toy.py one after the other: raw
+#                                       models pre-trained until their corpus loss levels off, then every student
+#                                       method over SEEDS seeds (default 5; 2 with --quick) and Delta-KD's alpha at
+#                                       0.25, 0.5 and 0.75: mean ± sd over the seeds and each method's paired
+#                                       difference from FKL, in runs/toy-study-knowledge and runs/toy-study-premise
+#   --regime knowledge|premise          one regime only (toy.py): the raw models pre-train on the task's knowledge
+#                                       without its chats (the default toy's), or on its chats in another reply style,
+#                                       Delta-KD's premise. The premise regime gates the students: the raw student
+#                                       must come within 2 points of the raw teacher's accuracy on held-out replies
+#                                       in the pre-training style, or the run stops before any student trains.
 #       JOBS (default: the CPU count): steps that need only finished ones run side by side, one CPU thread each.
+#       OUT names the run folder; with both regimes, OUT-knowledge and OUT-premise.
 #   bash reproduce.sh paper             Qwen2.5-7B -> Qwen2.5-1.5B on UltraChat-200k, through torchrun
 #       NPROC=8 (processes per node), NNODES=1; on several nodes also NODE_RANK, MASTER_ADDR, MASTER_PORT.
 #       DATASET=openmath switches to nvidia/OpenMathReasoning. STEPS, EVAL_EXAMPLES and OUT override the defaults.
@@ -17,22 +24,37 @@
 # Every command is printed before it runs: this script is the documentation of the real commands. A step whose
 # output exists is skipped, and an interrupted train.py resumes from its newest checkpoint when run again. Each step's
 # seconds go to $OUT/times.tsv; report.py makes the tables from the run folders, and times.json from the seconds.
+# Before any student trains, evaluate.py --diagnose measures Delta-KD's target on the test replies ($OUT/diagnose).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODE=toy STUDY=0 QUICK=0 FRESH=0 DRY=0 STAGE=
-for arg in "$@"; do
-  case $arg in
-    toy | paper) MODE=$arg ;;
+MODE=toy STUDY=0 QUICK=0 FRESH=0 DRY=0 REGIME= STAGE= ARGS=("$@")
+usage="usage: bash reproduce.sh [toy|study|paper] [--regime knowledge|premise] [--quick] [--fresh] [--dry-run]"
+while (($#)); do
+  case $1 in
+    toy | paper) MODE=$1 ;;
     study) STUDY=1 ;;
+    --regime) if (($# < 2)); then echo "$usage" >&2; exit 2; fi; REGIME=$2; shift ;;
+    --regime=*) REGIME=${1#*=} ;;
     --quick) QUICK=1 ;;
     --fresh) FRESH=1 ;;
     --dry-run) DRY=1 ;;
-    *) echo "usage: bash reproduce.sh [toy|study|paper] [--quick] [--fresh] [--dry-run]" >&2; exit 2 ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
+  shift
 done
 if [[ $STUDY == 1 && $MODE == paper ]]; then echo "error: the study runs on the toy: bash reproduce.sh study" >&2; exit 2; fi
+if [[ -n $REGIME && ( $MODE == paper || ! $REGIME =~ ^(knowledge|premise)$ ) ]]; then
+  echo "error: --regime is knowledge or premise, for the toy; $usage" >&2; exit 2
+fi
 PYTHON=${PYTHON:-python}
+if [[ $STUDY == 1 && -z $REGIME ]]; then  # both regimes, each its own run of this script in its own folder
+  for regime in knowledge premise; do
+    OUT=${OUT:+$OUT-$regime} bash "$0" "${ARGS[@]}" --regime "$regime"
+  done
+  exit
+fi
+REGIME=${REGIME:-knowledge}
 
 now() { local t=${EPOCHREALTIME/[.,]/}; echo $((10#$t / 1000)); }  # milliseconds, from bash alone
 
@@ -115,10 +137,15 @@ if [[ $MODE == toy ]]; then
   #   first third of the student's), in its own lane: its steps cost a third of the teacher's, so this fits in the
   #   time the teacher takes anyway. The rule came from the student's curve alone: with the teacher's 2400 steps its
   #   loss was 0.40 and still falling (11% over the last quarter); with 7200 it is 0.34 and level (2%).
+  # - The premise regime's corpus holds only the task's chats in style A (97 tokens a document, with the system prompt),
+  #   which both raw models learn sooner. In a first study run at 1200 and 3600 steps, the student's loss levelled at
+  #   0.13 by step 1400 and the teacher's by step 900, and the gate saw the raw student right at 100.0% of the positions
+  #   of the held-out style-A replies and the raw teacher at 99.6%. The study uses 800 and 2400 steps, which the hour
+  #   affords beside the knowledge regime; the gate checks them again before any student trains.
   # - The teacher is 6.5 times the student (0.87M and 0.13M weights in matrices).
   # - The teacher's SFT and every student get the same budget, 120 steps of 12 chats: 1440 of the 4000 training chats,
   #   under one epoch like the paper's 1000 steps of 128 over UltraChat's 200k. It is what the 8 minutes leave.
-  # - Replies are at most 70 tokens long: --max-new-tokens 96 lets every reference fit (the ROUGE ceiling is 1) while
+  # - Replies are at most 70 tokens long (82 in style B): --max-new-tokens 96 lets every reference fit (the ROUGE ceiling is 1) while
   #   a model that never stops costs 96 decode steps, not more.
   # - MiniLLM keeps its public script's settings and the paper run's ratio of rollouts to batch (256 to 128): a rollout
   #   phase samples 2 x BATCH replies and runs 4 PPO epochs over them, 8 optimizer steps, so it takes the same step
@@ -128,16 +155,18 @@ if [[ $MODE == toy ]]; then
   if [[ $QUICK == 1 ]]; then
     # A size the test suite runs: every step of the pipeline, nothing meaningful measured. The teacher trains ten
     # epochs over 64 chats at a higher rate, so that it ends its replies: SeqKD keeps only finished answers.
-    if [[ $STUDY == 1 ]]; then OUT=${OUT:-runs/toy-quick-study}; fi
-    OUT=${OUT:-runs/toy-quick}
     N_TRAIN=64 N_TEST=8 PRETRAIN_STEPS=30 PRETRAIN_BATCH=16 TEACHER_STEPS=40 STEPS=${STEPS:-4} BATCH=16 NEW_TOKENS=64
-    SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3
+    SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3 GATE=${GATE:-1}  # the gate runs, 100 points wide: 30 steps learn nothing
   else
-    if [[ $STUDY == 1 ]]; then OUT=${OUT:-runs/toy-study} PRETRAIN_STEPS=${PRETRAIN_STEPS:-2400}; fi
-    OUT=${OUT:-runs/toy}
+    if [[ $STUDY == 1 && $REGIME == knowledge ]]; then PRETRAIN_STEPS=${PRETRAIN_STEPS:-2400}; fi
+    if [[ $STUDY == 1 && $REGIME == premise ]]; then PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}; fi
     N_TRAIN=4000 N_TEST=200 PRETRAIN_STEPS=${PRETRAIN_STEPS:-600} PRETRAIN_BATCH=32 STEPS=${STEPS:-120}
-    TEACHER_STEPS=${STEPS:-120} BATCH=12 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3
+    TEACHER_STEPS=${STEPS:-120} BATCH=12 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3 GATE=${GATE:-0.02}
   fi
+  folder=toy
+  if [[ $QUICK == 1 ]]; then folder+=-quick; fi
+  if [[ $STUDY == 1 ]]; then folder+=-study-$REGIME; elif [[ $REGIME == premise ]]; then folder+=-premise; fi
+  OUT=${OUT:-runs/$folder}
   STUDENT_PRETRAIN_STEPS=$((3 * PRETRAIN_STEPS))
   N_CORPUS=$((STUDENT_PRETRAIN_STEPS * PRETRAIN_BATCH))  # the student reads it once, the teacher its first third
   JOBS=${JOBS:-$(nproc)}
@@ -152,6 +181,7 @@ if [[ $MODE == toy ]]; then
             --max-len 256 --log-every "$LOG_EVERY" --save-every 200)
   FINETUNE=(--lr "$LR" --min-lr 1e-4 --warmup-steps 10)
   EVALUATE=(--max-new-tokens "$NEW_TOKENS" --batch-size 256)
+  DIAGNOSE=(--micro-batch-size 64)
   SEQKD_DATA=("${TRAIN_DATA[@]}") SEQKD_TRAIN=(--data "$OUT/seqkd-data/train.jsonl")
   MINILLM=(--mix 0.2 --reward-scale 0.5 --ppo-epochs 4 --num-rollouts $((2 * BATCH)) --max-new-tokens "$NEW_TOKENS")
   ON_POLICY=(--on-policy 0.5 --max-new-tokens "$NEW_TOKENS")
@@ -194,6 +224,7 @@ else
           --save-every 200)
   FINETUNE=(--lr 1e-5 --min-lr 1e-6 --warmup-steps 50)
   EVALUATE=(--max-new-tokens "$MAX_LEN" --batch-size 32)
+  DIAGNOSE=(--micro-batch-size "$MICRO")  # logits of the three models at MICRO x MAX_LEN positions: 3.7 GB in bf16
   # MiniLLM's own rollout settings, from its public Qwen2.5 7B -> 1.5B script; the optimizer and budget are ours
   MINILLM=(--mix 0.2 --reward-scale 0.5 --ppo-epochs 4 --num-rollouts 256 --max-new-tokens 256)
   ON_POLICY=(--on-policy 0.5 --max-new-tokens 256)
@@ -202,7 +233,8 @@ fi
 if [[ $FRESH == 1 && $DRY == 0 ]]; then echo "+ rm -rf $OUT"; rm -rf "$OUT"; fi
 if [[ $DRY == 0 ]]; then mkdir -p "$OUT"; fi
 TEACHER=$OUT/teacher-ft/final
-echo "# reproduce.sh $MODE$([[ $STUDY == 1 ]] && echo " study, $SEEDS seeds"): writing to $OUT"
+echo "# reproduce.sh $MODE$([[ $MODE == toy ]] && echo ", $REGIME regime")$([[ $STUDY == 1 ]] && echo ", study of" \
+  "$SEEDS seeds"): writing to $OUT"
 
 # ------------------------------------------------------------------------------------------------ the steps
 # pretrain WHO STEPS: a toy raw model, from random weights on the plain-text corpus
@@ -228,6 +260,20 @@ seqkd_answers() {
 evaluation() {
   run "$2/summary.json" "${LAUNCH[@]}" evaluate.py --model "$1" "${TEST_DATA[@]}" --max-examples "$EVAL_EXAMPLES" \
     "${EVALUATE[@]}" --out "$2"
+}
+
+# diagnosis TEACHER OUT DATA...: Delta-KD's target from the raw student, TEACHER and the raw teacher, teacher-forced on
+# the replies of DATA (evaluate.py --diagnose)
+diagnosis() {
+  local teacher=$1 out=$2; shift 2
+  run "$out/diagnose.json" "${LAUNCH[@]}" evaluate.py --diagnose --model "$STUDENT_RAW" --teacher "$teacher" \
+    --teacher-raw "$TEACHER_RAW" "$@" --max-examples "$EVAL_EXAMPLES" "${DIAGNOSE[@]}" --out "$out"
+}
+
+# report ARGS...: report.py on the run folders: the tables, plots and checks
+report() {
+  printf '+'; printf ' %q' "$PYTHON" report.py "$@"; echo
+  if [[ $DRY == 0 ]]; then "$PYTHON" report.py "$@"; fi
 }
 
 # where the runs of SEED live: seed 0 (the toy's and the paper's) at the top, the study's other seeds below it
@@ -257,26 +303,41 @@ student() {
 # ------------------------------------------------------------------------------------------------ 1-2. raw models
 if [[ $MODE == toy ]]; then
   stage data
-  run "$DATA_DIR/test.jsonl" "$PYTHON" data.py toy --out "$DATA_DIR" --n-train "$N_TRAIN" --n-test "$N_TEST" \
-    --n-corpus "$N_CORPUS"
-  # Like Qwen's, both lm_heads have more rows than the tokenizer has ids, and not the same number.
-  model_config "$OUT/init/teacher" '{"model_type": "qwen2", "vocab_size": 640, "hidden_size": 128,
+  run "$DATA_DIR/test.jsonl" "$PYTHON" toy.py --out "$DATA_DIR" --regime "$REGIME" --n-train "$N_TRAIN" \
+    --n-test "$N_TEST" --n-corpus "$N_CORPUS"
+  # Like Qwen's, both lm_heads have more rows than the tokenizer has ids, and not the same number: more than any toy
+  # tokenizer can have (toy.py --vocab-size, 768), whatever the data it learns from.
+  model_config "$OUT/init/teacher" '{"model_type": "qwen2", "vocab_size": 784, "hidden_size": 128,
   "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
   "rope_theta": 1000000.0, "tie_word_embeddings": false, "max_position_embeddings": 512}'
-  model_config "$OUT/init/student" '{"model_type": "qwen2", "vocab_size": 632, "hidden_size": 64,
+  model_config "$OUT/init/student" '{"model_type": "qwen2", "vocab_size": 776, "hidden_size": 64,
   "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
   "rope_theta": 1000000.0, "tie_word_embeddings": true, "max_position_embeddings": 512}'
   stage pre-training
   lane pretrain teacher "$PRETRAIN_STEPS"
-  # what needs only the raw student runs while the (larger) teacher pre-trains
+  # what needs only the raw student runs while the (larger) teacher pre-trains; in the premise regime no student
+  # trains before the gate
   student_side() {
     pretrain student "$STUDENT_PRETRAIN_STEPS"
     evaluation "$STUDENT_RAW" "$OUT/eval/student-raw"  # every student's starting point, before any fine-tuning
     local seed
-    for ((seed = 0; seed < SEEDS * STUDY || seed == 0; seed++)); do student sft "$seed"; done  # the study's too
+    for ((seed = 0; seed < SEEDS * STUDY || seed == 0; seed++)); do
+      if [[ $REGIME == knowledge ]]; then student sft "$seed"; fi  # the study's too
+    done
   }
   lane student_side
   lanes_done
+fi
+
+# ------------------------------------------------------------------------------------------------ the premise's gate
+# Delta-KD's premise is a raw student that knows the content as well as the raw teacher. Both teachers are the raw
+# teacher here, so pi* is a raw model's distribution and the diagnostic compares the two raw models' accuracy on
+# held-out replies in the pre-training style. report.py --gate stops the run if the student is more than GATE (0.02,
+# two points) behind: pre-train longer (PRETRAIN_STEPS) in a fresh OUT, before any student trains.
+if [[ $MODE == toy && $REGIME == premise ]]; then
+  stage gate
+  diagnosis "$TEACHER_RAW" "$OUT/gate" --data "$DATA_DIR/test-style-a.jsonl"
+  report "$OUT" --gate "$GATE"
 fi
 
 # ------------------------------------------------------------------------------------------------ 3-5. students
@@ -289,32 +350,34 @@ if [[ $MODE == paper ]]; then
 fi
 stage "teacher SFT"
 teacher_sft
+stage diagnostic
+diagnosis "$TEACHER" "$OUT/diagnose" "${TEST_DATA[@]}"
 stage students
 seqkd_then_student() { seqkd_answers; student seqkd 0; }
 lane seqkd_then_student
 for name in deltakd-onpolicy minillm deltakd fkl rkl deltakd-alpha0; do lane student "$name" 0; done
+if [[ $REGIME == premise ]]; then lane student sft 0; fi  # after the gate
 lane evaluation "$TEACHER" "$OUT/eval/teacher-ft"
 lanes_done
 stage end
 
 # ------------------------------------------------------------------------------------------------ 6. the tables
-report() {
-  printf '+'; printf ' %q' "$PYTHON" report.py "$@"; echo
-  if [[ $DRY == 0 ]]; then "$PYTHON" report.py "$@"; fi
-}
 if [[ $STUDY == 0 ]]; then report "$OUT"; fi
 
 # ------------------------------------------------------------------------------------------------ 7. the study
 # Every student method again with seeds 1 .. SEEDS-1 (seed 0 is the run above), and Delta-KD's alpha between FKL's
-# 0 and the paper's 1. The shared steps above (data, raw and fine-tuned models, SeqKD answers) are not redone, nor
-# the SFT students, which ran beside the teacher's pre-training. FKL is the alpha = 0 point: at seed 0 both ran,
-# and results-seed0.md shows them equal to the last digit.
+# 0 and the paper's 1. The shared steps above (data, raw and fine-tuned models, SeqKD answers) are not redone, nor,
+# in the knowledge regime, the SFT students, which ran beside the teacher's pre-training (the premise regime trains
+# them here, after its gate). FKL is the alpha = 0 point: at seed 0 both ran, and results-seed0.md shows them equal
+# to the last digit.
 if [[ $STUDY == 1 ]]; then
   stage study
   METHODS=(sft fkl rkl seqkd minillm deltakd-onpolicy deltakd-alpha0.25 deltakd-alpha0.5 deltakd-alpha0.75 deltakd)
   for ((seed = 0; seed < SEEDS; seed++)); do
     for name in "${METHODS[@]}"; do
-      if [[ $name == sft || ($seed == 0 && " ${STUDENTS[*]} " == *" $name "*) ]]; then continue; fi  # done above
+      if [[ ($name == sft && $REGIME == knowledge) || ($seed == 0 && " ${STUDENTS[*]} " == *" $name "*) ]]; then
+        continue  # done above
+      fi
       lane student "$name" "$seed"
     done
   done

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 import data
 import evaluate
 import minillm
+import toy
 import train
 from deltakd import delta_kd_loss
 from evaluate import corpus_rouge, main, porter_stem, rouge, tokenize, write_seqkd_data
@@ -1165,7 +1166,7 @@ def test_model_load_weights_into_fsdp2_shards(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# data.py: chat template, masks, sources, batches, toy data
+# data.py: chat template, masks, sources, batches; toy.py: the toy's data
 
 
 # Qwen2.5's chat template, verbatim (tokenizer_config.json of Qwen/Qwen2.5-*-Instruct), as the rendering oracle.
@@ -1251,10 +1252,10 @@ _DATA_CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def _data_toy(tmp_path_factory):
-    """A small toy set and its tokenizer, written like `python data.py toy` writes them."""
+    """A small toy set and its tokenizer, written like `python toy.py` writes them."""
     out = tmp_path_factory.mktemp("toy")
-    chats, corpus = data.toy_chats(300, seed=3), data.toy_corpus(300, seed=3)
-    tok = data.train_toy_tokenizer([data.render_chat(r["messages"]) for r in chats] + [r["text"] for r in corpus])
+    chats, corpus = toy.chats(300, seed=3), toy.corpus(300, seed=3)
+    tok = toy.train_tokenizer([data.render_chat(r["messages"]) for r in chats] + [r["text"] for r in corpus])
     tok.save(str(out / "tokenizer.json"))
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
     return out, data.load_tokenizer(out)
@@ -1297,7 +1298,7 @@ def _data_qwen_layout():
                           "normalized": False, "special": True} for k, t in enumerate(data.SPECIAL_TOKENS)],
         "normalizer": {"type": "NFC"},
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": data.QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "Split", "pattern": {"Regex": toy.QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
         "post_processor": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
@@ -1595,7 +1596,7 @@ def test_data_weight_zero_replies_are_context(_data_toy):
 
 
 def test_data_folder_without_split_reads_train(tmp_path, _data_toy):
-    """A folder as `python data.py toy` writes it: without a split, load_rows reads train.jsonl only, not the
+    """A folder as `python toy.py` writes it: without a split, load_rows reads train.jsonl only, not the
     tokenizer's JSON nor the test and corpus rows."""
     shutil.copy(_data_toy[0] / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}, indent=2))
@@ -1817,9 +1818,9 @@ def test_data_batches_bad_arguments():
 
 # ---------------------------------------------------------------------------- toy data
 
-def test_data_toy_cli_is_deterministic_and_loads(tmp_path):
+def test_toy_cli_is_deterministic_and_loads(tmp_path):
     args = ["--n-train", "300", "--n-test", "30", "--n-corpus", "300"]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "data.py"), "toy", "--out", str(tmp_path / d),
+    procs = [subprocess.Popen([sys.executable, str(REPO / "toy.py"), "--out", str(tmp_path / d),
                                "--seed", "7", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for d in ("a", "b")]  # two processes: the Rust trainer's hash seeds differ between them
     for p in procs:
@@ -1851,19 +1852,49 @@ def test_data_toy_cli_is_deterministic_and_loads(tmp_path):
     assert max(len(e["input_ids"]) for e in examples) < 200  # short enough for tiny models
 
 
-def test_data_toy_problems_vary():
-    rows = data.toy_chats(400, seed=0)
-    assert rows == data.toy_chats(400, seed=0) and rows != data.toy_chats(400, seed=1)
+def test_toy_problems_vary():
+    rows = toy.chats(400, seed=0)
+    assert rows == toy.chats(400, seed=0) and rows != toy.chats(400, seed=1)
     shapes = set()
     for r in rows:
         shape = re.sub(r"\d+", "N", r["messages"][0]["content"])
-        for word in data.NAMES + data.ITEMS:
+        for word in toy.NAMES + toy.ITEMS:
             shape = re.sub(rf"\b{word}\b", "W", shape)
         shapes.add(shape)
     assert len(shapes) == 7  # seven problem shapes, not one template
     for r in rows[:50]:
         answer = r["messages"][1]["content"].rsplit("\\boxed{", 1)[1].rstrip("}.")
         assert answer == r["answer"]
+
+
+def test_toy_premise_regime_says_the_same_content_in_two_styles():
+    """Style B (SFT's) is style A (pre-training's) line for line, in a frame; numbers stay small; the corpus holds
+    style-A chats and, a quarter of it, style-B plain text, and never a test problem."""
+    b, a = toy.chats(300, seed=2, regime="premise"), toy.chats(300, seed=2, regime="premise", style="A")
+    assert [r["messages"][0] for r in b] == [r["messages"][0] for r in a]
+    for rb, ra in zip(b, a):
+        lines_b, lines_a = rb["messages"][1]["content"].split("\n"), ra["messages"][1]["content"].split("\n")
+        assert lines_b[0] == "Let's solve this step by step." and lines_b[-1] == "I hope this helps!"
+        steps = lines_b[1:-2]
+        assert [s.split(": ", 1)[0] for s in steps] == [f"Step {k}" for k in range(1, len(steps) + 1)]
+        assert [s.split(": ", 1)[1] for s in steps] == lines_a[:-1]
+        answer = f"\\boxed{{{rb['answer']}}}."
+        assert lines_b[-2] == f"Final answer: {answer}" and lines_a[-1] == f"The answer is {answer}"
+        numbers = [int(n) for n in re.findall(r"\d+", rb["messages"][0]["content"])]
+        assert max(numbers) <= 50 and 0 <= int(rb["answer"]) < 100  # one-digit operands, two-digit results
+    test = {r["messages"][0]["content"] for r in b[200:]}
+    corpus = toy.corpus(2000, seed=2, regime="premise", exclude=test)
+    assert len(corpus) == 2000
+    texts = 0
+    for row in corpus:
+        chat = re.fullmatch(r".*<\|im_start\|>user\n(.*)<\|im_end\|>\n<\|im_start\|>assistant\n(.*)<\|im_end\|>\n",
+                            row["text"], re.S)
+        question, reply = chat.groups() if chat else re.fullmatch(r"Problem: (.*?)\nSolution: (.*)", row["text"],
+                                                                  re.S).groups()
+        assert question not in test and (reply.startswith("Let's solve") != bool(chat)), row["text"]
+        texts += not chat
+    assert 0.2 < texts / len(corpus) < 0.3
+    assert toy.corpus(2000, seed=2, regime="premise") != corpus  # without the exclusion, test problems come up
 
 
 def test_data_reference_template_copy_is_current():
@@ -2101,7 +2132,7 @@ def _train_world(tmp_path_factory):
     holds the first 8 chats: with --batch-size 8 every step is all of them, so an oracle knows a step's examples
     without the data order."""
     root = tmp_path_factory.mktemp("train")
-    subprocess.run([sys.executable, str(REPO / "data.py"), "toy", "--out",
+    subprocess.run([sys.executable, str(REPO / "toy.py"), "--out",
                     str(root / "data"), "--n-train", "96", "--n-test", "8", "--n-corpus", "64"], check=True,
                    capture_output=True)
     (root / "chats8.jsonl").write_text("".join((root / "data" / "train.jsonl").read_text().splitlines(True)[:8]))
@@ -2898,7 +2929,7 @@ def _eval_fit(model, tokenizer, chats, new_tokens=24, margin=2.0, max_steps=800)
 def _eval_test_chats():
     """Toy test chats, half with short replies, plus two shapes the prompt cutting must handle: a system turn with two
     exchanges (the prompt keeps the first reply), and a conversation that goes on after its last reply."""
-    chats = data.toy_chats(60, seed=1)[50:]
+    chats = toy.chats(60, seed=1)[50:]
     chats[:5] = map(_eval_short, chats[:5])
     chats.append({"id": "two-turns", "messages": [
         {"role": "system", "content": "You are a careful math tutor."},
@@ -2929,9 +2960,9 @@ def _eval_env(tmp_path_factory):
     """A model fitted to the test chats (_eval_fit), a random one, the test data, and the reference run: one
     process, --batch-size 4."""
     root = tmp_path_factory.mktemp("eval")
-    train = data.toy_chats(50, seed=1)
-    tokenizer = data.train_toy_tokenizer([data.render_chat(c["messages"]) for c in train]
-                                         + [r["text"] for r in data.toy_corpus(100)], vocab_size=400)
+    train = toy.chats(50, seed=1)
+    tokenizer = toy.train_tokenizer([data.render_chat(c["messages"]) for c in train]
+                                    + [r["text"] for r in toy.corpus(100)], vocab_size=400)
     (root / "tok").mkdir()
     tokenizer.save(str(root / "tok" / "tokenizer.json"))
     config = Qwen2Config(vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), hidden_size=64,
@@ -3307,6 +3338,215 @@ def test_eval_cli_bad_input_fails_before_any_work(_eval_env, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# evaluate.py --diagnose: Delta-KD's target before any student trains; the scores beside ROUGE
+
+@pytest.fixture(scope="module")
+def _diag_env(_eval_env):
+    """Three models on _eval_env's tokenizer and chats: its fitted model as the fine-tuned teacher, a copy with a
+    little noise in every weight as the raw teacher (SFT moved it little), and one with more noise as the raw student,
+    which has 5 lm_head rows past the tokenizer's ids, with weights large enough to take much of any softmax that
+    counted them. Each model is right at some positions and wrong at others, and some positions are unmoved."""
+    root = _eval_env["root"]
+    generator = torch.Generator().manual_seed(0)
+
+    def noisy(model, scale, name):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * scale * p.abs().mean())
+        model.save_pretrained(root / name, tokenizer_dir=root / "tok")
+        return root / name
+
+    teacher = Qwen2.from_pretrained(root / "model", torch.float32)
+    V = teacher.config.vocab_size
+    student = Qwen2(Qwen2Config(**{**vars(teacher.config), "vocab_size": V + 5}))
+    with torch.no_grad():
+        for p, q in zip(student.parameters(), teacher.parameters()):
+            p[:len(q)] = q
+        student.model.embed_tokens.weight[V:] = 10 * torch.randn(5, teacher.config.hidden_size, generator=generator)
+    return {"root": root, "chats": _eval_env["chats"], "t_ft": root / "model",
+            "s_raw": noisy(student, 0.3, "s-raw"), "t_raw": noisy(teacher, 0.1, "t-raw")}
+
+
+def _diag_run(env, out, teacher_raw=None, torchrun=False, alphas="0,0.5,1"):
+    argv = ["--diagnose", "--model", str(env["s_raw"]), "--teacher", str(env["t_ft"]), "--teacher-raw",
+            str(teacher_raw or env["t_raw"]), "--data", str(env["root"] / "test.jsonl"), "--alphas", alphas,
+            "--micro-batch-size", "3", "--out", str(out)]
+    if torchrun:
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(REPO / "evaluate.py"), *argv], cwd=REPO, capture_output=True, text=True,
+                             timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    else:
+        main(argv)
+    return json.loads((out / "diagnose.json").read_text())
+
+
+def _diag_oracle(env, alphas):
+    """diagnose.json's numbers in float64, one chat at a time, from the paper's formulas in probability space: each
+    pi a softmax over the tokenizer's ids, pi* = pi_t_ft * (pi_s_raw / pi_t_raw) ** alpha / Z."""
+    tokenizer = data.load_tokenizer(env["t_ft"])
+    V = tokenizer.get_vocab_size(with_added_tokens=True)
+    models = {k: Qwen2.from_pretrained(env[k], torch.float64) for k in ("t_ft", "t_raw", "s_raw")}
+    p, gold, classes, logits = {k: [] for k in models}, [], [], {k: [] for k in models}
+    for chat in env["chats"]:
+        ex = data.encode_chat(chat["messages"], tokenizer)
+        keep = torch.tensor(ex["labels"][1:]) != -100  # logits at i predict the token at i + 1
+        gold.append(torch.tensor(ex["labels"][1:])[keep])
+        classes.append(torch.from_numpy(evaluate.token_classes(chat["messages"], tokenizer)[1:]).long()[keep])
+        with torch.no_grad():
+            for k, m in models.items():
+                logits[k].append(m(torch.tensor([ex["input_ids"]]))[0, :-1][keep])
+                p[k].append(torch.softmax(logits[k][-1][:, :V], -1))
+    p, logits = {k: torch.cat(v) for k, v in p.items()}, {k: torch.cat(v) for k, v in logits.items()}
+    gold, classes = torch.cat(gold), torch.cat(classes)
+    kl = lambda a, b: (a * (a / b).log()).sum(-1)  # noqa: E731
+    right = {k: v.argmax(-1) == gold for k, v in p.items()}
+    unmoved = kl(p["t_ft"], p["t_raw"]) < 0.01
+    student_only = right["t_ft"] & right["t_raw"] & ~right["s_raw"]
+    stars = [p["t_ft"] * (p["s_raw"] / p["t_raw"]) ** a for a in alphas]
+    stars = [s / s.sum(-1, keepdim=True) for s in stars]
+
+    def summary(mask):
+        n, only = mask.sum().item(), (mask & student_only).sum().item()
+        mean = lambda x: x[mask].sum().item() / n if n else None  # noqa: E731
+        return {"positions": n, "accuracy": {k: mean(v.double()) for k, v in right.items()},
+                "unmoved_share": mean(unmoved.double()), "raw_student_only_errors": mean(student_only.double()),
+                "alphas": [{"alpha": a, "accuracy": mean((s.argmax(-1) == gold).double()),
+                            "kl_to_teacher": mean(kl(s, p["t_ft"])), "kl_to_raw_student": mean(kl(s, p["s_raw"])),
+                            "accuracy_on_raw_student_only_errors":
+                                ((s.argmax(-1) == gold) & mask & student_only).sum().item() / only if only else None}
+                           for a, s in zip(alphas, stars)]}
+    everything = torch.ones_like(unmoved)
+    return (summary(everything), summary(unmoved), {k: summary(classes == i) for i, k in enumerate(evaluate.CLASSES)},
+            logits, gold)
+
+
+def _diag_flat(record, path=""):
+    """{"alphas/1/kl_to_teacher": value, ...}: a nested record as one flat dict, for pytest.approx."""
+    items = record.items() if isinstance(record, dict) else enumerate(record) if isinstance(record, list) else None
+    if items is None:
+        return {path: record}
+    return {k: v for key, value in items for k, v in _diag_flat(value, f"{path}/{key}").items()}
+
+
+def _diag_same(got, want, rel=2e-5):
+    """Counts and shares exactly (fp32 and float64 agree on every argmax here), the KL values to rel."""
+    got, want = _diag_flat({k: got[k] for k in want}), _diag_flat(want)
+    split = lambda flat, kl: {k: v for k, v in flat.items() if ("kl" in k) == kl}  # noqa: E731
+    assert split(got, False) == split(want, False)
+    assert split(got, True) == pytest.approx(split(want, True), rel=rel, abs=rel / 10)
+
+
+def test_diagnose_matches_float64_formulas_and_the_loss(_diag_env, tmp_path, capsys):
+    alphas = [0.0, 0.5, 1.0]
+    got = _diag_run(_diag_env, tmp_path / "d")
+    everything, unmoved, classes, logits, gold = _diag_oracle(_diag_env, alphas)
+    _diag_same(got, everything)
+    _diag_same(got["unmoved"], unmoved)
+    for name, want in classes.items():
+        _diag_same(got["classes"][name], want)
+    assert sum(c["share"] for c in got["classes"].values()) == pytest.approx(1)
+    # a case that tells the identity apart from its absence: most positions unmoved, raw-student-only errors, and
+    # pi* at alpha = 1 far from the teacher there and close to the raw student
+    assert 0.5 < got["unmoved_share"] < 1 and got["raw_student_only_errors"] > 0.05
+    assert got["unmoved"]["alphas"][-1]["kl_to_raw_student"] < 0.2 * got["unmoved"]["alphas"][-1]["kl_to_teacher"]
+    # pi* is the loss's own target: the KD term of delta_kd_loss, with the teacher or the raw student as the
+    # "student", is the KL the diagnostic reports
+    V = data.load_tokenizer(_diag_env["t_ft"]).get_vocab_size(with_added_tokens=True)
+    for a, record in zip(alphas, got["alphas"]):
+        for key, student in (("kl_to_teacher", "t_ft"), ("kl_to_raw_student", "s_raw")):
+            _, parts = delta_kd_loss(logits[student], gold, logits["t_ft"], logits["t_raw"], logits["s_raw"],
+                                     alpha=a, lam=0.0, vocab_size=V, return_parts=True)
+            assert record[key] == pytest.approx(parts["kd"].item(), rel=2e-5, abs=2e-6), (a, key)
+    # the printout names its advice in plain words, and diagnose.md holds the same text
+    text = capsys.readouterr().out
+    assert "expect Delta-KD to inherit the raw student's mistakes there" in text
+    assert (tmp_path / "d" / "diagnose.md").read_text() in text
+
+
+def test_diagnose_identities_and_two_processes(_diag_env, tmp_path):
+    """alpha = 0 gives the fine-tuned teacher; the teacher as its own raw model gives the raw student at alpha = 1;
+    two processes, each with its share of the chats, give the same numbers as one."""
+    one = _diag_run(_diag_env, tmp_path / "one")
+    zero = one["alphas"][0]
+    assert zero["alpha"] == 0 and zero["accuracy"] == one["accuracy"]["t_ft"]
+    assert abs(zero["kl_to_teacher"]) < 1e-6 and zero["kl_to_raw_student"] > 0.1
+    same = _diag_run(_diag_env, tmp_path / "same", teacher_raw=_diag_env["t_ft"])
+    last = same["alphas"][-1]
+    assert last["alpha"] == 1 and last["accuracy"] == same["accuracy"]["s_raw"] != same["accuracy"]["t_ft"]
+    assert abs(last["kl_to_raw_student"]) < 1e-6 and last["kl_to_teacher"] > 0.1
+    assert same["unmoved_share"] == 1 and same["raw_student_only_errors"] > 0  # s_raw wrong there, so pi* too
+    hits = [a["accuracy_on_raw_student_only_errors"] for a in same["alphas"]]
+    assert hits[0] == 1 and hits[-1] == 0  # pi* is t_ft, then s_raw
+    two = _diag_run(_diag_env, tmp_path / "two", torchrun=True)
+    _diag_same(two, one, rel=1e-9)
+
+
+def test_diagnose_bad_arguments_fail_before_any_work(_diag_env, _data_toy, tmp_path):
+    out = tmp_path / "out"
+    models = ["--diagnose", "--model", str(_diag_env["s_raw"]), "--teacher", str(_diag_env["t_ft"]),
+              "--data", str(_diag_env["root"] / "test.jsonl"), "--out", str(out)]
+
+    def fails(argv, pattern):
+        with pytest.raises(SystemExit, match=pattern):
+            main(argv)
+        assert not out.exists()
+
+    fails(models, "--diagnose needs --teacher \\(fine-tuned\\) and --teacher-raw")
+    raw = ["--teacher-raw", str(_diag_env["t_raw"])]
+    fails([*models, *raw, "--max-new-tokens", "9", "--batch-size", "2"],
+          "--max-new-tokens, --batch-size: --diagnose generates nothing")
+    fails([*models[1:], "--alphas", "0,1"], "--alphas: only for --diagnose")
+    fails([*models, *raw, "--micro-batch-size", "0"], "--micro-batch-size must be at least 1")
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(_diag_env["t_raw"], other)
+    shutil.copy(_data_toy[0] / "tokenizer.json", other / "tokenizer.json")
+    fails([*models, "--teacher-raw", str(other)], "--teacher-raw has a different tokenizer from --model's")
+    with pytest.raises(SystemExit):
+        evaluate.get_args([*models, *raw, "--alphas", "0,one"])
+
+
+def test_diagnose_token_classes(_eval_env):
+    """A digit makes a number; a word of the question, in however many pieces, is copied; another word is a word;
+    the rest is format, special tokens included."""
+    tokenizer = data.load_tokenizer(_eval_env["root"] / "tok")
+    messages = [{"role": "user", "content": "Ava has 3 Zorblaxes. How many?"},
+                {"role": "assistant", "content": "Ava has 13 zorblaxes, Quuxwerp!\nThe answer is \\boxed{13}."}]
+    ex = data.encode_chat(messages, tokenizer)
+    classes = evaluate.token_classes(messages, tokenizer)
+    reply = [(tokenizer.decode([t], skip_special_tokens=False), list(evaluate.CLASSES)[c])
+             for t, label, c in zip(ex["input_ids"], ex["labels"], classes) if label != -100]
+    assert "".join(text for text, _ in reply) == messages[1]["content"] + "<|im_end|>"
+    pieces = {"copied": "Ava has zorblaxes", "word": "Quuxwerp The answer is boxed", "number": "13"}
+    for text, name in reply:
+        if name == "format":
+            assert text == "<|im_end|>" or set(text) <= set(" ,!\n.\\{}"), text
+        else:
+            assert text.strip() in pieces[name], (text, name)
+    assert sum(name == "copied" for _, name in reply) > 3  # "zorblaxes" comes in pieces, each copied
+
+
+def test_eval_scores_beside_rouge():
+    """The final \\boxed{} answer (nested braces, the last box, none or unclosed), R-L with numbers masked, and R-L of
+    the numbers alone, each checked on a case where it differs from plain R-L."""
+    assert evaluate.boxed_answer("so \\boxed{2} or rather \\boxed{ \\frac{1}{2} }.") == "\\frac{1}{2}"
+    assert evaluate.boxed_answer("\\boxed{7") is None and evaluate.boxed_answer("7") is None
+    ref = "Ava has 3 + 4 = 7 apples.\nThe answer is \\boxed{7}."
+    wrong_number = evaluate.what_went_wrong("Ava has 3 + 4 = 8 apples.\nThe answer is \\boxed{8}.", ref)
+    assert wrong_number["rougeL_numbers_masked"] == 1.0 and not wrong_number["boxed_correct"]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    assert wrong_number["rougeL_numbers_only"] == scorer.score("3 4 7 7", "3 4 8 8")["rougeL"].fmeasure
+    wrong_words = evaluate.what_went_wrong("Ben got 3 and 4, so 7 pears. Answer: \\boxed{ 7 }", ref)
+    assert wrong_words["rougeL_numbers_only"] == 1.0 and wrong_words["boxed_correct"]
+    stemmed = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert wrong_words["rougeL_numbers_masked"] == stemmed.score("Ava has 0 + 0 = 0 apples.\nThe answer is \\boxed{0}.",
+                                                                 "Ben got 0 and 0, so 0 pears. Answer: \\boxed{ 0 }"
+                                                                 )["rougeL"].fmeasure < 1
+    assert evaluate.what_went_wrong("no numbers", "none here") == {
+        "rougeL_numbers_masked": 0.0, "rougeL_numbers_only": None, "boxed_correct": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # reproduce.sh and README: the pipeline
 
 def _repro(*args, env=None, timeout=60):
@@ -3338,14 +3578,23 @@ STUDY_STUDENTS = {**{k: v for k, v in TOY_STUDENTS.items() if k != "deltakd-alph
 
 @pytest.mark.parametrize("args,env", [
     (["--dry-run"], {}),
-    (["toy", "--quick", "--dry-run"], {}),
+    (["toy", "--quick", "--regime", "premise", "--dry-run"], {}),
     (["study", "--dry-run"], {"SEEDS": "3"}),
-    (["study", "--quick", "--dry-run"], {}),
+    (["study", "--quick", "--regime=knowledge", "--dry-run"], {}),
     (["paper", "--dry-run"], {}),
     (["paper", "--dry-run"], {"DATASET": "openmath", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}),
 ])
 def test_reproduce_dry_run_commands_parse(args, env):
     stdout = _repro(*args, env=env)
+    runs = re.split(r"^# reproduce\.sh .*: writing to .*$", stdout, flags=re.M)[1:]  # a study runs both regimes
+    regimes = re.findall(r"^# reproduce\.sh toy, (\w+) regime", stdout, flags=re.M)
+    assert regimes == (["knowledge", "premise"] if args == ["study", "--dry-run"] else ["premise"] if "premise" in args
+                       else [] if "paper" in args else ["knowledge"])
+    for run, regime in itertools.zip_longest(runs, regimes):
+        _repro_check_dry_run(run, args, env, regime)
+
+
+def _repro_check_dry_run(stdout, args, env, regime):
     trains = [train.get_args(argv) for argv in _repro_commands(stdout, "train.py")]  # argparse exits on any error
     evals = [evaluate.get_args(argv) for argv in _repro_commands(stdout, "evaluate.py")]
     students = _repro_students(trains)
@@ -3361,11 +3610,34 @@ def test_reproduce_dry_run_commands_parse(args, env):
     minillm = students["minillm", 0]
     assert (minillm.mix, minillm.reward_scale, minillm.ppo_epochs) == (0.2, 0.5, 4)
     assert minillm.num_rollouts == (256 if "paper" in args else 2 * minillm.batch_size)
+    # the premise diagnostic after the teacher's SFT and before the first student, on the scored test data; in the
+    # premise regime, first the gate: the raw teacher as both teachers, on the test problems in style A
+    diagnoses = [e for e in evals if e.diagnose]
+    scored = [e for e in evals if not e.write_data and not e.diagnose]
+    assert len(diagnoses) == 1 + (regime == "premise")
+    diagnose = diagnoses[-1]
+    # the SFT students need no teacher: except in the premise regime, they train beside the pre-training
+    first_student = min(stdout.index(f"--out {a.out}\n") for (name, _), a in students.items()
+                        if name != "sft" or regime == "premise")
+    raw = ("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B") if "paper" in args else \
+        tuple(str(Path(students["sft", 0].out).parent / f"{who}-raw/final") for who in ("student", "teacher"))
+    assert (diagnose.model, Path(diagnose.teacher).parent.name, diagnose.teacher_raw) == (raw[0], "teacher-ft", raw[1])
+    assert (diagnose.data, diagnose.split, diagnose.holdout, diagnose.max_len, diagnose.max_examples) == \
+        (scored[0].data, scored[0].split, scored[0].holdout, scored[0].max_len, scored[0].max_examples)
+    assert stdout.index(f"--out {Path(diagnose.teacher).parent}\n") < stdout.index(f"--out {diagnose.out}\n") < \
+        first_student
+    if regime == "premise":
+        gate = diagnoses[0]
+        assert gate.teacher == gate.teacher_raw == diagnose.teacher_raw and gate.model == diagnose.model
+        assert gate.data.endswith("test-style-a.jsonl") and gate.max_examples == diagnose.max_examples
+        assert stdout.index(f"--out {gate.out}\n") < stdout.index("report.py") < stdout.index("teacher-ft") < \
+            first_student and re.search(r"report\.py \S+ --gate 0\.02$" if "--quick" not in args else "--gate 1$",
+                                        stdout, re.M)
+        assert re.search(r"toy\.py .*--regime premise", stdout)
     # the SeqKD answers, the teacher, the raw student, and every student once
-    assert len(evals) == 1 + 2 + len(students)
-    scored = [e for e in evals if not e.write_data]
+    assert len(evals) == 1 + 2 + len(students) + len(diagnoses)
     assert len({(e.data, e.split, e.holdout, e.max_len, e.max_new_tokens, e.max_examples) for e in scored}) == 1
-    assert re.search(r"^\+ \S*python\S* report\.py", stdout, re.M)
+    assert re.search(r"^\+ \S*python\S* report\.py \S+( --study|$)", stdout, re.M)
     if "paper" not in args:
         return
     assert all(line.startswith("+ torchrun") for line in stdout.splitlines()
@@ -3385,33 +3657,51 @@ def test_reproduce_dry_run_commands_parse(args, env):
 
 
 def test_reproduce_bad_arguments():
-    result = subprocess.run(["bash", str(REPO / "reproduce.sh"), "paper", "study", "--dry-run"], capture_output=True,
-                            text=True, env={**os.environ, "PYTHON": sys.executable})
-    assert result.returncode == 2 and "study" in result.stderr
+    for args in (["paper", "study"], ["--regime", "facts"], ["paper", "--regime", "premise"], ["--regime"]):
+        result = subprocess.run(["bash", str(REPO / "reproduce.sh"), *args, "--dry-run"], capture_output=True,
+                                text=True, env={**os.environ, "PYTHON": sys.executable})
+        assert result.returncode == 2 and ("study" in result.stderr if "study" in args else
+                                           "--regime is knowledge or premise" in result.stderr), args
 
 
-def _repro_table(path):
-    rows = [line for line in Path(path).read_text().splitlines() if line.startswith("| ") and "---" not in line]
+def _repro_table(path):  # the file's first table, which opens it
+    rows = [line for line in Path(path).read_text().split("\n\n")[0].splitlines() if "---" not in line]
     return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
 
 
 def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
+    """The premise regime's study at the size that checks the pipeline: data, pre-training, the gate, the teacher's
+    SFT, the diagnostic, every student over two seeds, the tables; then a rerun."""
     out = tmp_path / "toy-study"
     env = {"OUT": str(out), "SEEDS": "2"}
-    first = _repro("study", "--quick", env=env, timeout=900)
+    first = _repro("study", "--quick", "--regime", "premise", env=env, timeout=1200)
+    # the gate passed before any student trained, and the diagnostic ran on the style-B test replies
+    students = [line for line in first.splitlines() if line.startswith("+") and "train.py" in line
+                and not re.search(r"--out \S+/(teacher-raw|student-raw|teacher-ft)$", line)]
+    assert first.index("The gate passed") < first.index(students[0])
+    gate, diagnosis = (json.loads((out / d / "diagnose.json").read_text()) for d in ("gate", "diagnose"))
+    assert gate["data"].endswith("test-style-a.jsonl") and gate["models"]["t_ft"] == gate["models"]["t_raw"]
+    assert set(diagnosis) >= {"positions", "accuracy", "unmoved_share", "raw_student_only_errors", "alphas"}
+    assert [a["alpha"] for a in diagnosis["alphas"]] == [0, 0.25, 0.5, 0.75, 1]
+    assert set(diagnosis["alphas"][0]) == {"alpha", "accuracy", "kl_to_teacher", "kl_to_raw_student",
+                                           "accuracy_on_raw_student_only_errors"}
     # seed 0 as the toy's table: one run of each method, the same step budget for every student
     table = _repro_table(out / "results-seed0.md")
     assert list(table) == ["Teacher (SFT)", "Student (raw)", "SFT", "FKL", "RKL", "SeqKD", "MiniLLM", "Delta-KD",
                            "Delta-KD, alpha=0", "Delta-KD, on-policy (extension)"]
-    for (method, (r1, r2, rl, _)), name in zip(table.items(), ["teacher-ft", "student-raw", *TOY_STUDENTS]):
+    for (method, (r1, r2, rl, *values, _)), name in zip(table.items(),
+                                                        ["teacher-ft", "student-raw", *TOY_STUDENTS]):
         rows = [json.loads(line) for line in (out / "eval" / name / "predictions.jsonl").read_text().split("\n") if line]
         scores = [_eval_scorer(True).score(r["reference"], r["prediction"]) for r in rows]
         mean = [sum(s[k].fmeasure for s in scores) / len(scores) for k in ("rouge1", "rouge2", "rougeL")]
-        assert [float(x) for x in (r1, r2, rl)] == pytest.approx(mean, abs=5e-5), method  # rouge-score's, to 4 places
-    steps = {row[3] for name, row in table.items() if name not in ("Teacher (SFT)", "Student (raw)")}
-    assert len(steps) == 1 and table["Student (raw)"][3] == "0"
+        # rouge-score's, to 4 places (a tie like 0.04375 may round either way)
+        assert [float(x) for x in (r1, r2, rl)] == pytest.approx(mean, abs=5e-5 + 1e-12), method
+        assert len(values) == 3 and all(0.0 <= float(x) <= 1.0 for x in values), method
+    steps = {row[-1] for name, row in table.items() if name not in ("Teacher (SFT)", "Student (raw)")}
+    assert len(steps) == 1 and table["Student (raw)"][-1] == "0"
     notes = (out / "results-seed0.md").read_text()
     assert "pre-training (corpus) loss" in notes and "sampled replies in all" in notes
+    assert "The gate, before any student trained" in notes and (out / "diagnose/diagnose.md").read_text() in notes
     # alpha = 0 is forward KL, bit for bit: the same weights, so the same replies
     assert (out / "fkl/final/model.safetensors").read_bytes() == \
         (out / "deltakd-alpha0/final/model.safetensors").read_bytes()
@@ -3420,30 +3710,34 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert {name: sorted(runs) for name, runs in results["runs"].items()} == {
         name: ["0", "1"] for name in STUDY_STUDENTS}
-    assert results["runs"]["fkl"]["0"] == json.loads((out / "eval/fkl/summary.json").read_text())["rouge_stemmed"]
+    saved = json.loads((out / "eval/fkl/summary.json").read_text())
+    assert results["runs"]["fkl"]["0"] == {**saved["rouge_stemmed"], "rougeL_numbers_masked":
+                                           saved["rougeL_numbers_masked"], "rougeL_numbers_only":
+                                           saved["rougeL_numbers_only"], "boxed_accuracy": saved["boxed_accuracy"]}
     rows = _repro_table(out / "results.md")
     assert "pre-training (corpus) loss" in (out / "results.md").read_text()
     assert list(rows)[:2] == ["Teacher (SFT)", "Student (raw)"] and len(rows) == 2 + len(STUDY_STUDENTS)
-    for name, (r1, r2, rl, diff, wins, steps) in list(rows.items())[2:]:
-        assert all("±" in x for x in (r1, r2, rl)), name
+    for name, (r1, r2, rl, diff, wins, masked, numbers, answer, steps) in list(rows.items())[2:]:
+        assert all("±" in x for x in (r1, r2, rl, masked, numbers, answer)), name
         assert (diff, wins) == ("", "") if name == "FKL" else ("±" in diff and re.fullmatch(r"[0-2]/2", wins)), name
     try:
         import matplotlib  # noqa: F401
-        assert (out / "alpha.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
+        assert all((out / png).stat().st_size > 0 for png in ("alpha.png", "curves.png", "diagnose.png"))
     except ImportError:
         assert "pip install matplotlib" in first
     times = json.loads((out / "times.json").read_text())
-    assert set(times["stages"]) == {"data", "pre-training", "teacher SFT", "students", "study"} and times["total"] > 0
+    assert set(times["stages"]) == {"data", "pre-training", "gate", "teacher SFT", "diagnostic", "students",
+                                    "study"} and times["total"] > 0
     # A rerun reuses every finished step and writes the same tables; one run deleted is made again, bit for bit (FKL
     # of seed 1: it enters every paired difference).
     tables = {p: p.read_text() for p in (out / "results.md", out / "results-seed0.md", out / "results.json")}
     weights = (out / "seed1/fkl/final/model.safetensors").read_bytes()
     shutil.rmtree(out / "seed1/fkl")
     shutil.rmtree(out / "seed1/eval/fkl")
-    again = _repro("study", "--quick", env=env, timeout=300)
+    again = _repro("study", "--quick", "--regime", "premise", env=env, timeout=300)
     assert [argv[-1] for argv in _repro_commands(again, "train.py")] == [str(out / "seed1/fkl")]
     assert [argv[-1] for argv in _repro_commands(again, "evaluate.py")] == [str(out / "seed1/eval/fkl")]
     assert (out / "seed1/fkl/final/model.safetensors").read_bytes() == weights
     assert {p: p.read_text() for p in tables} == tables
-    assert not _repro_commands(again, "data.py")
+    assert not _repro_commands(again, "toy.py")
     assert (out / "results.md").read_text().split("\n\n")[0] in again  # printed again, as the first time

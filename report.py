@@ -155,6 +155,28 @@ def diagnosis(out):
     return text
 
 
+def students_by_class(out):
+    """Where seed 0's FKL and Delta-KD students err, teacher-forced on the test replies, by the gold token's class,
+    beside the raw student and pi* at alpha = 1 (reproduce.sh's diagnostic with a trained student as --model)."""
+    paths = {name: out / "students-by-class" / name / "diagnose.json" for name in ("fkl", "deltakd")}
+    if not (out / "diagnose" / "diagnose.json").exists() or not all(p.exists() for p in paths.values()):
+        return ""
+    target = json.loads((out / "diagnose" / "diagnose.json").read_text())
+    students = {name: json.loads(p.read_text()) for name, p in paths.items()}
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    lines = ["\nWhere the students err (seed 0, teacher-forced on the test replies; accuracy = argmax is the gold "
+             "token), by the class of the gold token:\n",
+             "| class | positions | fine-tuned teacher | raw student | pi* at alpha = 1 | FKL student "
+             "| Delta-KD student |", "|---|---|---|---|---|---|---|"]
+    rows = [("all", target, students, 1.0)] + [
+        (c, v, {n: s["classes"][c] for n, s in students.items()}, v["share"]) for c, v in target["classes"].items()]
+    for name, t, s, share in rows:
+        lines.append(f"| {name} | {pct(share)} | {pct(t['accuracy']['t_ft'])} | {pct(t['accuracy']['s_raw'])} | "
+                     f"{pct(t['alphas'][-1]['accuracy'])} | {pct(s['fkl']['accuracy']['s_raw'])} | "
+                     f"{pct(s['deltakd']['accuracy']['s_raw'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def times(out):
     """From times.tsv (stage, step, seconds; the latest line of each wins): each stage's wall-clock seconds, and each
     step's own seconds. With JOBS lanes side by side, a stage takes less than the sum of its steps."""
@@ -239,7 +261,7 @@ def study(out, seeds, methods):
     notes[-1] += ("at seed 0 Delta-KD with alpha=0 scored exactly what FKL scored." if fkl and fkl == alpha0 else
                   "its alpha = 0 run at seed 0 is missing or DIFFERS from FKL: see results-seed0.md.")
     notes += toy_notes(out)[1:]  # the scores beside ROUGE, the raw student, MiniLLM, on-policy, the pre-training
-    text = "\n".join(table) + "\n\n" + "\n\n".join(notes) + "\n" + diagnosis(out)
+    text = "\n".join(table) + "\n\n" + "\n\n".join(notes) + "\n" + diagnosis(out) + students_by_class(out)
     (out / "results.md").write_text(text)
     (out / "results-seed0.md").write_text(toy_table(out))
     (out / "results.json").write_text(json.dumps(

@@ -262,11 +262,11 @@ evaluation() {
     "${EVALUATE[@]}" --out "$2"
 }
 
-# diagnosis TEACHER OUT DATA...: Delta-KD's target from the raw student, TEACHER and the raw teacher, teacher-forced on
-# the replies of DATA (evaluate.py --diagnose)
+# diagnosis STUDENT TEACHER OUT DATA...: Delta-KD's target from STUDENT (the raw student, or a trained one in its
+# place), TEACHER and the raw teacher, teacher-forced on the replies of DATA (evaluate.py --diagnose)
 diagnosis() {
-  local teacher=$1 out=$2; shift 2
-  run "$out/diagnose.json" "${LAUNCH[@]}" evaluate.py --diagnose --model "$STUDENT_RAW" --teacher "$teacher" \
+  local student=$1 teacher=$2 out=$3; shift 3
+  run "$out/diagnose.json" "${LAUNCH[@]}" evaluate.py --diagnose --model "$student" --teacher "$teacher" \
     --teacher-raw "$TEACHER_RAW" "$@" --max-examples "$EVAL_EXAMPLES" "${DIAGNOSE[@]}" --out "$out"
 }
 
@@ -336,7 +336,7 @@ fi
 # two points) behind: pre-train longer (PRETRAIN_STEPS) in a fresh OUT, before any student trains.
 if [[ $MODE == toy && $REGIME == premise ]]; then
   stage gate
-  diagnosis "$TEACHER_RAW" "$OUT/gate" --data "$DATA_DIR/test-style-a.jsonl"
+  diagnosis "$STUDENT_RAW" "$TEACHER_RAW" "$OUT/gate" --data "$DATA_DIR/test-style-a.jsonl"
   report "$OUT" --gate "$GATE"
 fi
 
@@ -351,7 +351,7 @@ fi
 stage "teacher SFT"
 teacher_sft
 stage diagnostic
-diagnosis "$TEACHER" "$OUT/diagnose" "${TEST_DATA[@]}"
+diagnosis "$STUDENT_RAW" "$TEACHER" "$OUT/diagnose" "${TEST_DATA[@]}"
 stage students
 seqkd_then_student() { seqkd_answers; student seqkd 0; }
 lane seqkd_then_student
@@ -380,6 +380,11 @@ if [[ $STUDY == 1 ]]; then
       fi
       lane student "$name" "$seed"
     done
+  done
+  # where FKL's and Delta-KD's students err, by token class: the diagnostic, teacher-forced on the test replies, with
+  # seed 0's trained student in the raw student's place (its columns are then that student's)
+  for name in fkl deltakd; do
+    lane diagnosis "$OUT/$name/final" "$TEACHER" "$OUT/students-by-class/$name" "${TEST_DATA[@]}"
   done
   lanes_done
   stage end

@@ -3614,6 +3614,14 @@ def _repro_check_dry_run(stdout, args, env, regime):
     # premise regime, first the gate: the raw teacher as both teachers, on the test problems in style A
     diagnoses = [e for e in evals if e.diagnose]
     scored = [e for e in evals if not e.write_data and not e.diagnose]
+    # and in a study, seed 0's FKL and Delta-KD students in the raw student's place, once they trained
+    by_class = [e for e in diagnoses if Path(e.out).parent.name == "students-by-class"]
+    diagnoses = [e for e in diagnoses if e not in by_class]
+    assert [(e.model, e.teacher, e.teacher_raw, e.data, Path(e.out).name) for e in by_class] == \
+        [(students[name, 0].out + "/final", diagnoses[-1].teacher, diagnoses[-1].teacher_raw, diagnoses[-1].data, name)
+         for name in ("fkl", "deltakd") if "study" in args]
+    assert all(stdout.index(f"--out {e.out}\n") > stdout.index(f"--out {students[name, 0].out}\n")
+               for e, name in zip(by_class, ("fkl", "deltakd")))
     assert len(diagnoses) == 1 + (regime == "premise")
     diagnose = diagnoses[-1]
     # the SFT students need no teacher: except in the premise regime, they train beside the pre-training
@@ -3635,7 +3643,7 @@ def _repro_check_dry_run(stdout, args, env, regime):
                                         stdout, re.M)
         assert re.search(r"toy\.py .*--regime premise", stdout)
     # the SeqKD answers, the teacher, the raw student, and every student once
-    assert len(evals) == 1 + 2 + len(students) + len(diagnoses)
+    assert len(evals) == 1 + 2 + len(students) + len(diagnoses) + len(by_class)
     assert len({(e.data, e.split, e.holdout, e.max_len, e.max_new_tokens, e.max_examples) for e in scored}) == 1
     assert re.search(r"^\+ \S*python\S* report\.py \S+( --study|$)", stdout, re.M)
     if "paper" not in args:
@@ -3665,7 +3673,16 @@ def test_reproduce_bad_arguments():
 
 
 def _repro_table(path):  # the file's first table, which opens it
-    rows = [line for line in Path(path).read_text().split("\n\n")[0].splitlines() if "---" not in line]
+    return _rows(Path(path).read_text().split("\n\n")[0])
+
+
+def _repro_table_after(path, words):  # the first table after `words`
+    text = Path(path).read_text()
+    return _rows(text[text.index(words):].split("\n\n")[1])
+
+
+def _rows(table):  # a Markdown table's rows by their first cell
+    rows = [line for line in table.splitlines() if "---" not in line]
     return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
 
 
@@ -3716,6 +3733,13 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
                                            saved["rougeL_numbers_only"], "boxed_accuracy": saved["boxed_accuracy"]}
     rows = _repro_table(out / "results.md")
     assert "pre-training (corpus) loss" in (out / "results.md").read_text()
+    by_class = _repro_table_after(out / "results.md", "Where the students err")
+    assert list(by_class) == ["all", "number", "copied", "word", "format"]
+    diagnosis = json.loads((out / "diagnose/diagnose.json").read_text())
+    for name, column in (("fkl", 4), ("deltakd", 5)):  # each student's accuracy, as its own diagnostic measured it
+        measured = json.loads((out / "students-by-class" / name / "diagnose.json").read_text())
+        assert by_class["all"][column] == f"{100 * measured['accuracy']['s_raw']:.1f}%"
+        assert measured["positions"] == diagnosis["positions"]
     assert list(rows)[:2] == ["Teacher (SFT)", "Student (raw)"] and len(rows) == 2 + len(STUDY_STUDENTS)
     for name, (r1, r2, rl, diff, wins, masked, numbers, answer, steps) in list(rows.items())[2:]:
         assert all("±" in x for x in (r1, r2, rl, masked, numbers, answer)), name

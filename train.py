@@ -114,10 +114,9 @@ def get_args(argv=None):
     g.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each block whole (after --grad-ckpt, before FSDP, as torchtitan does), one "
-                        "compile cache per model. Measured on one CPU thread, fp32, small model (bench.py model, "
-                        "provisional): a training step 1.07x transformers' time against eager's 1.08x (earlier, "
-                        "quieter runs: 0.92-0.96x against 0.93-1.00x), after 15-120 s of compiling, so off by "
-                        "default; not yet measured on a GPU (bench.py gpu)")
+                        "compile cache per model. Measured on a 2-core CPU, fp32, small model (bench.py model): a "
+                        "training step 0.94x transformers' time against eager's 1.01x, after 15-120 s of compiling, "
+                        "so off by default; not yet measured on a GPU (bench.py gpu)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak for MFU (H100 SXM: 989)")
     return p.parse_args(argv)

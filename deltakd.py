@@ -101,6 +101,11 @@ _CHUNK_BYTES = {"cpu": 16 * 2**20, "other": 64 * 2**20}
 _FUSED_MIN_VOCAB = 32768  # fused=None compiles the chunks of real LLM vocabularies only (see "Memory traffic")
 
 
+def chunk_positions(vocab, device):
+    """Positions per chunk: as many fp32 rows of `vocab` entries as fit in _CHUNK_BYTES for the device, at least one."""
+    return max(1, _CHUNK_BYTES["cpu" if device.type == "cpu" else "other"] // (4 * vocab))
+
+
 @torch.compiler.disable  # a Python loop over chunks (and a data-dependent count without `positions`): no graph
 def delta_kd_loss(student_logits, labels, teacher_logits, teacher_raw_logits=None, student_raw_logits=None,
                   alpha=1.0, temperature=1.0, lam=0.5, divergence="fkl", ignore_index=-100, vocab_size=None,
@@ -256,7 +261,7 @@ class _DeltaKD(torch.autograd.Function):
         grad = torch.zeros_like(s, dtype=dtype if s.dtype == torch.float16 else s.dtype) if need_grad else None
         sft_sum = torch.zeros((), dtype=dtype, device=s.device)
         kd_sum = torch.zeros((), dtype=dtype, device=s.device)
-        chunk = chunk or max(1, _CHUNK_BYTES["cpu" if s.device.type == "cpu" else "other"] // (4 * vocab))
+        chunk = chunk or chunk_positions(vocab, s.device)
 
         for start in range(0, n, chunk):
             rows = tuple(i[start:start + chunk] for i in where)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from data import SPECIAL_TOKENS, Batches, build_examples, encode_prompt, last_reply, load_rows, load_tokenizer, \
     read_file, render_chat, step_inputs
+from deltakd import chunk_positions
 from model import Decoder, Qwen2, Qwen2Config, checkpoint_shapes, resolve_model_dir, seed_of
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -611,7 +612,7 @@ def diagnose_batch(models, micro_batch, vocab, alphas, sums):
     classes = classes.long()
     with torch.no_grad():
         logits = {name: model(ids, logits_at=at) for name, model in models.items()}  # (N, V_model) each
-    chunk = max(1, (16 if sums.device.type == "cpu" else 64) * 2**20 // (4 * vocab))
+    chunk = chunk_positions(vocab, sums.device)
     for c in range(0, len(gold), chunk):
         y = gold[c:c + chunk]
         t, t_raw, s_raw = (F.log_softmax(logits[name][c:c + chunk, :vocab].float(), dim=-1)  # (C, V) log pi, T = 1

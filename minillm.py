@@ -58,7 +58,7 @@ from torch.autograd.function import once_differentiable
 from torch.distributed.fsdp import FSDPModule
 
 from data import IGNORE, Batches, step_inputs, to_device
-from deltakd import _CHUNK_BYTES, delta_kd_loss
+from deltakd import chunk_positions, delta_kd_loss
 from model import Decoder, sample, seed_of
 
 CLIP = 0.2  # PPO's clip on rho, as MiniLLM's scripts
@@ -147,7 +147,7 @@ class _TokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, y, vocab):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least; float64 stays float64 for the tests
-        chunk = max(1, _CHUNK_BYTES["cpu" if logits.device.type == "cpu" else "other"] // (4 * vocab))
+        chunk = chunk_positions(vocab, logits.device)
         lse = torch.cat([x[:, :vocab].to(dtype).logsumexp(-1) for x in logits.split(chunk)])  # (N,)
         ctx.save_for_backward(logits, y, lse)
         ctx.vocab, ctx.chunk = vocab, chunk

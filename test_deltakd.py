@@ -2736,6 +2736,7 @@ def test_minillm_single_step_term_is_the_token_level_reverse_kl():
 def test_minillm_policy_loss_is_chunked_and_exact(monkeypatch):
     """policy_loss takes log q(y) a chunk of positions at a time, never an fp32 (N, V) log_softmax: with chunks of 3
     positions, its value and gradient equal the whole-tensor formula's in float64, clipped and unclipped ratios both."""
+    import deltakd
     g = torch.Generator().manual_seed(4)
     N, V = 10, 7
     logits = torch.randn(N, V + 2, generator=g, dtype=torch.float64, requires_grad=True)  # an lm_head's extra rows
@@ -2748,7 +2749,7 @@ def test_minillm_policy_loss_is_chunked_and_exact(monkeypatch):
     assert 0 < ((rho - 1).abs() > 0.2).sum() < N  # some ratios clipped, some not
     expected = torch.maximum(-adv * rho, -adv * rho.clamp(0.8, 1.2)).sum() / 4.0
     (g_expected,) = torch.autograd.grad(expected, logits)
-    monkeypatch.setitem(minillm._CHUNK_BYTES, "cpu", 4 * V * 3)
+    monkeypatch.setitem(deltakd._CHUNK_BYTES, "cpu", 4 * V * 3)
     got = minillm.policy_loss(logits, targets, log_q_old, adv, weight, V, 4.0)
     (g_got,) = torch.autograd.grad(got, logits)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)

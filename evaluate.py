@@ -258,9 +258,9 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype; none: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks and the one-token decode step (fixed shapes: one graph serves every "
-                        "token). Measured on one CPU thread, fp32, small model (bench.py model, provisional): "
-                        "generation 0.61x transformers' time against eager's 0.68x (earlier runs: 7-13%% faster than "
-                        "eager), after 11-110 s of compiling, so off by default; not yet measured on a GPU")
+                        "token). Measured on a 2-core CPU, fp32, small model (bench.py model): generation 0.76x "
+                        "transformers' time against eager's 0.80x, after 11-110 s of compiling, so off by default; "
+                        "not yet measured on a GPU (bench.py gpu)")
     p.add_argument("--out", default="runs/eval",
                    help="folder for predictions.jsonl and summary.json. Each reply is also appended to "
                         "replies/rank-<N>.jsonl as it ends: the same command run again reuses them, after a crash too")

@@ -406,8 +406,8 @@ class Qwen2(nn.Module):
     def compile_blocks(self, backend="inductor"):
         """torch.compile each block (training, evaluation, prefill) and the one-token decode step (generation; a
         model that FSDP wraps later decodes over its compiled blocks instead). Call it after gradient checkpointing
-        is set and before fully_shard: torchtitan's order, which keeps FSDP's hooks outside the compiled code. backend: the tests trace with "eager", the same graphs without inductor's
-        kernels."""
+        is set and before fully_shard: torchtitan's order, which keeps FSDP's hooks outside the compiled code.
+        backend: the tests trace with "eager", the same graphs without inductor's kernels."""
         # Dynamo keeps its graphs per code object: the blocks of every model share forward's cache, and its
         # recompile_limit of 8 variants, past which it runs eagerly. Models differ in shapes, and each adds its own
         # variants (grad mode, checkpointing, a padding mask, a KV cache, a batch of one): four models together

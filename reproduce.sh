@@ -145,8 +145,8 @@ if [[ $MODE == toy ]]; then
   # - The teacher is 6.5 times the student (0.87M and 0.13M weights in matrices).
   # - The teacher's SFT and every student get the same budget, 120 steps of 12 chats: 1440 of the 4000 training chats,
   #   under one epoch like the paper's 1000 steps of 128 over UltraChat's 200k. It is what the 8 minutes leave.
-  # - Replies are at most 70 tokens long (82 in style B): --max-new-tokens 96 lets every reference fit (the ROUGE ceiling is 1) while
-  #   a model that never stops costs 96 decode steps, not more.
+  # - Replies are at most 70 tokens long (82 in style B): --max-new-tokens 96 lets every reference fit (the ROUGE
+  #   ceiling is 1) while a model that never stops costs 96 decode steps, not more.
   # - MiniLLM keeps its public script's settings and the paper run's ratio of rollouts to batch (256 to 128): a rollout
   #   phase samples 2 x BATCH replies and runs 4 PPO epochs over them, 8 optimizer steps, so it takes the same step
   #   budget as everyone else and samples STEPS x BATCH / 4 replies in all.

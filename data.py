@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -110,10 +111,6 @@ def _example(encoding, spans, tokenizer, max_len):
 def encode_chat(messages, tokenizer, max_len=None):
     text, spans = _render(messages)
     return _example(tokenizer.encode(text, add_special_tokens=False), spans, tokenizer, max_len)
-
-
-def encode_text(text, tokenizer, max_len=None):
-    return _example(tokenizer.encode(text, add_special_tokens=False), None, tokenizer, max_len)
 
 
 def last_reply(messages):
@@ -439,6 +436,37 @@ class Batches:
             if state[key] != mine:
                 raise ValueError(f"cannot resume: saved {key}={state[key]}, this run has {mine}")
         self.epoch, self.step = state["epoch"], state["step"]
+
+
+# ---------------------------------------------------------------------------- the data flags of train.py and targets.py
+
+def add_data_arguments(parser):
+    """The data flags, one definition for every command that reads training data (train.py, targets.py): the same
+    flags give the same examples. Returns the argument group, for a command's own data flags."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
+    g.add_argument("--split", help="dataset split, optionally with a row range like cot[:100000] (default: "
+                                   "train_sft for UltraChat, cot for OpenMathReasoning)")
+    g.add_argument("--max-rows", type=int, help="read at most this many rows (downloads only the shards needed)")
+    g.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
+    g.add_argument("--max-len", type=int, default=2048, help="longest sequence in tokens; longer rows are cut")
+    g.add_argument("--drop-long", action="store_true",
+                   help="drop the rows whose chat does not fit in --max-len instead of cutting them (a cut reply loses "
+                        "its end and its <|im_end|>); --max-rows then counts the rows kept")
+    g.add_argument("--holdout", choices=["train", "test"],
+                   help="split the prompts by a hash of each (data.HOLDOUT of them held out for testing): 'train' "
+                        "leaves the held-out ones out, as evaluate.py --holdout test scores exactly those")
+    return g
+
+
+def examples_from_arguments(args, tokenizer):
+    """(examples, whether the data are chats) as the data flags ask; exits naming the file and line of bad data."""
+    try:
+        rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows,
+                         holdout=args.holdout, fit=(tokenizer, args.max_len) if args.drop_long else None)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --data: {e}")
+    return build_examples(rows, tokenizer, args.max_len), any("messages" in r for r in rows)
 
 
 def to_device(x, device):

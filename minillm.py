@@ -59,7 +59,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from data import IGNORE, Batches, step_inputs, to_device
 from deltakd import chunk_positions, delta_kd_loss
-from model import Decoder, sample, seed_of
+from generate import Decoder, sample, seed_of
 
 CLIP = 0.2  # PPO's clip on rho, as MiniLLM's scripts
 REWARD_CLIP = 100.0
@@ -94,9 +94,9 @@ def gathered(*models):
 def sample_replies(student, prompts, seeds, limits, stop_ids, vocab_size, teacher=None, mix=0.0, shape=None):
     """One reply per prompt (a list of token ids), drawn token by token from p~ = (1 - mix) q + mix p at temperature
     1, over the tokenizer's ids only (never an lm_head padding row), until a stop id or the prompt's limit of new
-    tokens. Row i draws with seeds[i] (model.sample's counter-based noise). Returns per row {tokens, log_q, log_p,
+    tokens. Row i draws with seeds[i] (generate.sample's counter-based noise). Returns per row {tokens, log_q, log_p,
     log_mix}: the log-probabilities of each drawn token under the student, the teacher (the student's when there is
-    none) and p~. The models decode together in one model.Decoder with a slot per prompt: every prompt starts at
+    none) and p~. The models decode together in one generate.Decoder with a slot per prompt: every prompt starts at
     once, and the rollout lasts as long as its longest reply whatever the slots do, so refilling could not make it
     shorter. shape = (prompt width, new tokens), at least this batch's, sizes the cache: give every rank the same
     (reply_limits), and a row sees the same cache, so the same arithmetic, on any number of processes."""

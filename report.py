@@ -12,18 +12,19 @@
 
 Everything is read from the folders reproduce.sh writes: eval/<name>/summary.json for the scores, <name>/metrics.jsonl
 for the training curves and step counts, checkpoints' trainer_state.json for MiniLLM's settings, diagnose/ and gate/
-for evaluate.py --diagnose, times.tsv for the seconds. Seed s > 0 lives under seed<s>/. results.md holds no times, so
+for diagnose.py, times.tsv for the seconds. Seed s > 0 lives under seed<s>/. results.md holds no times, so
 that two runs of the same commands write the same file; the times go to times.json.
 """
 import argparse
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
 LABELS = {"teacher-ft": "Teacher (SFT)", "student-raw": "Student (raw)", "sft": "SFT", "fkl": "FKL", "rkl": "RKL",
           "seqkd": "SeqKD", "minillm": "MiniLLM", "deltakd": "Delta-KD", "deltakd-alpha0": "Delta-KD, alpha=0",
-          "deltakd-onpolicy": "Delta-KD, on-policy (extension)"}
+          "deltakd-onpolicy": "Delta-KD, on-policy (extension)", "deltakd-online": "Delta-KD, frozen models online"}
 KEYS = ("rouge1", "rouge2", "rougeL")
 # evaluate.py's scores beside ROUGE: where a reply goes wrong, in the numbers or in the words and format
 WRONG = {"rougeL_numbers_masked": "R-L, numbers masked", "rougeL_numbers_only": "R-L of the numbers",
@@ -89,7 +90,8 @@ def pretraining(run):
     if not rows:
         return None
     total = rows[-1]["step"]
-    window = lambda lo, hi: statistics.fmean(r["loss"] for r in rows if lo * total < r["step"] <= hi * total)
+    def window(lo, hi):
+        return statistics.fmean(r["loss"] for r in rows if lo * total < r["step"] <= hi * total)
     before, last = window(0.65, 0.75), window(0.9, 1.0)
     points = rows[::max(1, len(rows) // 6)][:-1] + [rows[-1]]
     curve = ", ".join(f"{r['step']}: {r['loss']:.3f}" for r in points)
@@ -101,7 +103,8 @@ def pretraining(run):
 # ------------------------------------------------------------------------------------------------ the toy's table
 
 def toy_table(out):
-    return table_of_runs(out) + "\n" + "\n".join(toy_notes(out)) + "\n" + diagnosis(out)
+    names = [n for n in LABELS if n not in ("teacher-ft", "student-raw") and (out / "eval" / n).exists()]
+    return table_of_runs(out) + fact_table(out, names, [0]) + "\n" + "\n".join(toy_notes(out)) + "\n" + diagnosis(out)
 
 
 def table_of_runs(out):
@@ -144,13 +147,80 @@ def gate_numbers(out):
                               f"{100 * teacher:.1f}%.")
 
 
+def fact_gate_numbers(out):
+    """The student-knows regime's gate, as measured: ({model: accuracy at the fact positions of the held-out replies
+    in the SFT style}, the sentence and table that say so, in that style and in the pre-training style)."""
+    styles = {"the SFT style (B)": out / "gate-facts", "the pre-training style (A)": out / "gate-facts-style-a"}
+    found = {style: json.loads((folder / "diagnose.json").read_text()) for style, folder in styles.items()
+             if (folder / "diagnose.json").exists()}
+    marked = {style: d["classes"]["marked"] for style, d in found.items()}
+    first = next(iter(marked.values()))
+    lines = [f"The gate, before any student trained: teacher-forced on the {first['positions']} positions where the "
+             f"replies of the held-out problems about student-only goods state a price (diagnose.py --mark), the share "
+             "where each model's argmax is the right price (chance is about 1 in 9):", "",
+             "| style | raw student | raw teacher | fine-tuned teacher |", "|---|---|---|---|"]
+    for style, c in marked.items():
+        lines.append(f"| {style} | " + " | ".join(f"{100 * c['accuracy'][m]:.1f}%" for m in ("s_raw", "t_raw", "t_ft"))
+                     + " |")
+    return first["accuracy"], "\n".join(lines) + "\n"
+
+
+def fact_scores(out, name, seed=0):
+    """{kind: {rougeL, answer, facts}} of a student-knows run's replies, by the kind of their test problem: the mean
+    stemmed R-L, the share of right final answers, and the share of the problem's prices that the reply states
+    right ("At the market, a lamp costs 7 dollars."), None where the kind has none."""
+    rows = {r["id"]: r for r in map(json.loads, (out / "data" / "test.jsonl").read_text().splitlines())}
+    path = seed_dir(out, seed) / "eval" / name / "predictions.jsonl"
+    kinds = {}
+    for record in map(json.loads, path.read_text().splitlines()):
+        row = rows[record["id"]]
+        facts = [re.search(rf"\b{'an' if g[0] in 'aeiou' else 'a'} {g} costs (\d+) dollars", record["prediction"])
+                 for g in row["facts"]]
+        right = [bool(m) and int(m.group(1)) == p for m, p in zip(facts, row["facts"].values())]
+        k = kinds.setdefault(row["kind"], {"rougeL": [], "answer": [], "facts": []})
+        k["rougeL"].append(record["scores"]["rougeL_stemmed"])
+        k["answer"].append(float(bool(record["scores"]["boxed_correct"])))
+        k["facts"] += right
+    return {kind: {key: statistics.fmean(v) if v else None for key, v in k.items()} for kind, k in kinds.items()}
+
+
+def fact_table(out, names, seeds):
+    """The student-knows regime's scores by kind of test problem, mean ± sd over the seeds, and the paired difference
+    from FKL of the share of student-only prices stated right."""
+    if not (out / "data" / "market.json").exists():
+        return ""
+    kinds = ("covered", "uncovered", "shared", "none")
+    runs = {name: [fact_scores(out, name, s) for s in seeds] for name in names}
+    lines = ["", "By the kind of test problem (student-knows): the share of the goods' prices that a reply states "
+             "right, of right final answers, and R-L; covered goods appear in the training chats, uncovered ones in "
+             "none, shared ones are known to every model, none: the premise regime's problems. Mean ± sd over "
+             f"{len(seeds)} seed(s); − FKL: paired by seed.", "",
+             "| Method | prices right: covered | − FKL | uncovered | − FKL | answer right: covered | uncovered | "
+             "shared | none | R-L: covered | uncovered | shared | none |", "|---" * 13 + "|"]
+    for name, per_seed in runs.items():
+        def stat(kind, key, minus_fkl=False):
+            values = [r[kind][key] for r in per_seed]
+            if minus_fkl:
+                if "fkl" not in runs or name == "fkl":
+                    return ""
+                values = [v - f[kind][key] for v, f in zip(values, runs["fkl"])]
+            return fmt(*mean_sd(values), sign="+" if minus_fkl else "")
+        lines.append(f"| {label(name)} | {stat('covered', 'facts')} | {stat('covered', 'facts', True)} | "
+                     f"{stat('uncovered', 'facts')} | {stat('uncovered', 'facts', True)} | "
+                     + " | ".join(stat(k, "answer") for k in kinds) + " | "
+                     + " | ".join(stat(k, "rougeL") for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def diagnosis(out):
-    """The gate's numbers and the premise diagnostic's tables (evaluate.py --diagnose), where the run made them."""
+    """The gates' numbers and the premise diagnostic's tables (diagnose.py), where the run made them."""
     text = ""
     if (out / "gate" / "diagnose.json").exists():
         text += "\n" + gate_numbers(out)[2] + "\n"
+    if (out / "gate-facts" / "diagnose.json").exists():
+        text += "\n" + fact_gate_numbers(out)[1]
     if (out / "diagnose" / "diagnose.md").exists():
-        text += ("\nDelta-KD's target before any student trained (evaluate.py --diagnose, teacher-forced on the test "
+        text += ("\nDelta-KD's target before any student trained (diagnose.py, teacher-forced on the test "
                  "replies):\n\n" + (out / "diagnose" / "diagnose.md").read_text())
     return text
 
@@ -163,7 +233,8 @@ def students_by_class(out):
         return ""
     target = json.loads((out / "diagnose" / "diagnose.json").read_text())
     students = {name: json.loads(p.read_text()) for name, p in paths.items()}
-    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    def pct(x):
+        return f"{100 * x:.1f}%"
     lines = ["\nWhere the students err (seed 0, teacher-forced on the test replies; accuracy = argmax is the gold "
              "token), by the class of the gold token:\n",
              "| class | positions | fine-tuned teacher | raw student | pi* at alpha = 1 | FKL student "
@@ -191,8 +262,8 @@ def times(out):
 
 
 def print_times(t):
-    print("wall-clock seconds per stage, as each last ran (a rerun that reuses a stage keeps its time), and in brackets "
-          "each step's own seconds:")
+    print("wall-clock seconds per stage, as each last ran (a rerun that reuses a stage keeps its time), and in "
+          "brackets each step's own seconds:")
     for stage, seconds in t["stages"].items():
         steps = t["steps"].get(stage, {})
         if len(steps) > 12:  # many runs: per method, its training and its evaluation, each a mean over its runs
@@ -260,8 +331,10 @@ def study(out, seeds, methods):
         alpha0 = scores(out, "deltakd-alpha0")
     notes[-1] += ("at seed 0 Delta-KD with alpha=0 scored exactly what FKL scored." if fkl and fkl == alpha0 else
                   "its alpha = 0 run at seed 0 is missing or DIFFERS from FKL: see results-seed0.md.")
+    notes += cache_note(out, runs, seeds)
     notes += toy_notes(out)[1:]  # the scores beside ROUGE, the raw student, MiniLLM, on-policy, the pre-training
-    text = "\n".join(table) + "\n\n" + "\n\n".join(notes) + "\n" + diagnosis(out) + students_by_class(out)
+    text = ("\n".join(table) + "\n" + fact_table(out, methods, seeds) + "\n" + "\n\n".join(notes) + "\n"
+            + diagnosis(out) + students_by_class(out))
     (out / "results.md").write_text(text)
     (out / "results-seed0.md").write_text(toy_table(out))
     (out / "results.json").write_text(json.dumps(
@@ -269,6 +342,20 @@ def study(out, seeds, methods):
          "summary": result, "steps": steps(out / "fkl")}, indent=1) + "\n")
     print(text + f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results-seed0.md'}")
     plots(out, seeds, methods, runs)
+
+
+def cache_note(out, runs, seeds):
+    """What the cache of pi* did: the off-policy FKL and Delta-KD students read it (targets.py), and Delta-KD at
+    alpha 1 online is paired with Delta-KD from the cache, seed by seed."""
+    cache = out / "targets" / "alpha1" / "targets.json"
+    if not cache.exists() or "deltakd-online" not in runs or "deltakd" not in runs:
+        return []
+    k, vocab = (json.loads(cache.read_text())[key] for key in ("top_k", "vocab_size"))
+    d = [runs["deltakd"][s]["rougeL"] - runs["deltakd-online"][s]["rougeL"] for s in seeds]
+    return [f"FKL and Delta-KD (every alpha) trained from caches of pi* made once per alpha (targets.py: the top {k} "
+            f"of {vocab} ids and one bucket for the rest). Delta-KD from its cache minus Delta-KD with the frozen "
+            f"models online, paired by seed: R-L {fmt(*mean_sd(d), sign='+')} (largest |difference| "
+            f"{max(map(abs, d)):.4f})."]
 
 
 def plots(out, seeds, methods, runs):
@@ -289,7 +376,8 @@ def plots(out, seeds, methods, runs):
                     color="C0", capsize=4)
     for name, style in (("fkl", "--"), ("sft", ":")):
         if name in runs:
-            ax.axhline(statistics.fmean(runs[name][s]["rougeL"] for s in seeds), ls=style, color="0.3", label=label(name))
+            ax.axhline(statistics.fmean(runs[name][s]["rougeL"] for s in seeds), ls=style, color="0.3",
+                       label=label(name))
     ax.set(xlabel="alpha (0 is FKL)", ylabel="R-L (stemmed)", title=f"Delta-KD's alpha, {len(seeds)} seeds")
     ax.legend()
     fig.tight_layout()
@@ -344,7 +432,17 @@ def main():
     p.add_argument("--gate", type=float, metavar="POINTS",
                    help="only the premise regime's gate: exit 1 unless the raw student's accuracy on OUT/gate is at "
                         "least the raw teacher's minus POINTS (0.02: two points)")
+    p.add_argument("--gate-facts", type=lambda x: [float(v) for v in x.split(",")], metavar="LEAST,MOST",
+                   help="only the student-knows regime's gate: exit 1 unless, at the prices that OUT/gate-facts "
+                        "marks, the raw student is right at least LEAST of the time and both teachers at most MOST")
     args = p.parse_args()
+    if args.gate_facts is not None:
+        (least, most), (accuracy, numbers) = args.gate_facts, fact_gate_numbers(args.out)
+        if accuracy["s_raw"] < least or max(accuracy["t_raw"], accuracy["t_ft"]) > most:
+            raise SystemExit(f"{numbers}The gate FAILED: the raw student must be right at least {100 * least:g}% of "
+                             f"the time and both teachers at most {100 * most:g}%: no student trains.")
+        return print(f"{numbers}The gate passed: the raw student at least {100 * least:g}%, both teachers at most "
+                     f"{100 * most:g}%.")
     if args.gate is not None:
         student, teacher, numbers = gate_numbers(args.out)
         if student < teacher - args.gate:

@@ -4,18 +4,23 @@
 # check, and Delta-KD on the student's own samples as an extension), ROUGE on held-out data.
 #
 #   bash reproduce.sh [toy] [--quick]   offline on a CPU: toy tokenizer, data and models, pre-trained here (default)
-#   bash reproduce.sh study [--quick]   the toy as an experiment, in both regimes of toy.py one after the other: raw
+#   bash reproduce.sh study [--quick]   the toy as an experiment, in the three regimes of toy.py one after another: raw
 #                                       models pre-trained until their corpus loss levels off, then every student
 #                                       method over SEEDS seeds (default 5; 2 with --quick) and Delta-KD's alpha at
 #                                       0.25, 0.5 and 0.75: mean ± sd over the seeds and each method's paired
-#                                       difference from FKL, in runs/toy-study-knowledge and runs/toy-study-premise
-#   --regime knowledge|premise          one regime only (toy.py): the raw models pre-train on the task's knowledge
-#                                       without its chats (the default toy's), or on its chats in another reply style,
-#                                       Delta-KD's premise. The premise regime gates the students: the raw student
-#                                       must come within 2 points of the raw teacher's accuracy on held-out replies
-#                                       in the pre-training style, or the run stops before any student trains.
+#                                       difference from FKL, in runs/toy-study-<regime>
+#   --regime knowledge|premise|student-knows
+#                                       one regime only (toy.py): the raw models pre-train on the task's knowledge
+#                                       without its chats (the default toy's), on its chats in another reply style
+#                                       (Delta-KD's premise), or on that and facts only the raw student's corpus
+#                                       states (student-knows). The last two gate the students: the premise regime's
+#                                       raw student must come within 2 points of the raw teacher's accuracy on
+#                                       held-out replies in the pre-training style; in student-knows, at the prices
+#                                       that held-out replies state in the SFT style, the raw student must be right
+#                                       at least 80% of the time and both teachers at most 30%. Else the run stops
+#                                       before any student trains.
 #       JOBS (default: the CPU count): steps that need only finished ones run side by side, one CPU thread each.
-#       OUT names the run folder; with both regimes, OUT-knowledge and OUT-premise.
+#       OUT names the run folder; with every regime, OUT-knowledge, OUT-premise and OUT-student-knows.
 #   bash reproduce.sh paper             Qwen2.5-7B -> Qwen2.5-1.5B on UltraChat-200k, through torchrun
 #       NPROC=8 (processes per node), NNODES=1; on several nodes also NODE_RANK, MASTER_ADDR, MASTER_PORT.
 #       DATASET=openmath switches to nvidia/OpenMathReasoning. STEPS, EVAL_EXAMPLES and OUT override the defaults.
@@ -24,12 +29,15 @@
 # Every command is printed before it runs: this script is the documentation of the real commands. A step whose
 # output exists is skipped, and an interrupted train.py resumes from its newest checkpoint when run again. Each step's
 # seconds go to $OUT/times.tsv; report.py makes the tables from the run folders, and times.json from the seconds.
-# Before any student trains, evaluate.py --diagnose measures Delta-KD's target on the test replies ($OUT/diagnose).
+# Before any student trains, diagnose.py measures Delta-KD's target on the test replies ($OUT/diagnose). The study
+# and the paper then make one cache of pi* per alpha (targets.py: the frozen models' one pass over the training data,
+# the paper's decoupled inference), from which their off-policy FKL and Delta-KD students train alone.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 MODE=toy STUDY=0 QUICK=0 FRESH=0 DRY=0 REGIME= STAGE= ARGS=("$@")
-usage="usage: bash reproduce.sh [toy|study|paper] [--regime knowledge|premise] [--quick] [--fresh] [--dry-run]"
+usage="usage: bash reproduce.sh [toy|study|paper] [--regime knowledge|premise|student-knows] [--quick] [--fresh] \
+[--dry-run]"
 while (($#)); do
   case $1 in
     toy | paper) MODE=$1 ;;
@@ -44,12 +52,12 @@ while (($#)); do
   shift
 done
 if [[ $STUDY == 1 && $MODE == paper ]]; then echo "error: the study runs on the toy: bash reproduce.sh study" >&2; exit 2; fi
-if [[ -n $REGIME && ( $MODE == paper || ! $REGIME =~ ^(knowledge|premise)$ ) ]]; then
-  echo "error: --regime is knowledge or premise, for the toy; $usage" >&2; exit 2
+if [[ -n $REGIME && ( $MODE == paper || ! $REGIME =~ ^(knowledge|premise|student-knows)$ ) ]]; then
+  echo "error: --regime is knowledge, premise or student-knows, for the toy; $usage" >&2; exit 2
 fi
 PYTHON=${PYTHON:-python}
-if [[ $STUDY == 1 && -z $REGIME ]]; then  # both regimes, each its own run of this script in its own folder
-  for regime in knowledge premise; do
+if [[ $STUDY == 1 && -z $REGIME ]]; then  # every regime, each its own run of this script in its own folder
+  for regime in knowledge premise student-knows; do
     OUT=${OUT:+$OUT-$regime} bash "$0" "${ARGS[@]}" --regime "$regime"
   done
   exit
@@ -156,16 +164,18 @@ if [[ $MODE == toy ]]; then
     # A size the test suite runs: every step of the pipeline, nothing meaningful measured. The teacher trains ten
     # epochs over 64 chats at a higher rate, so that it ends its replies: SeqKD keeps only finished answers.
     N_TRAIN=64 N_TEST=8 PRETRAIN_STEPS=30 PRETRAIN_BATCH=16 TEACHER_STEPS=40 STEPS=${STEPS:-4} BATCH=16 NEW_TOKENS=64
-    SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3 GATE=${GATE:-1}  # the gate runs, 100 points wide: 30 steps learn nothing
+    SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3 GATE=${GATE:-1} FACT_GATE=${FACT_GATE:-0,1}  # the gates run, wide open: 30
+    # steps learn nothing
   else
     if [[ $STUDY == 1 && $REGIME == knowledge ]]; then PRETRAIN_STEPS=${PRETRAIN_STEPS:-2400}; fi
-    if [[ $STUDY == 1 && $REGIME == premise ]]; then PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}; fi
+    if [[ $STUDY == 1 && $REGIME != knowledge ]]; then PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}; fi
     N_TRAIN=4000 N_TEST=200 PRETRAIN_STEPS=${PRETRAIN_STEPS:-600} PRETRAIN_BATCH=32 STEPS=${STEPS:-120}
     TEACHER_STEPS=${STEPS:-120} BATCH=12 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3 GATE=${GATE:-0.02}
+    FACT_GATE=${FACT_GATE:-0.8,0.3}
   fi
   folder=toy
   if [[ $QUICK == 1 ]]; then folder+=-quick; fi
-  if [[ $STUDY == 1 ]]; then folder+=-study-$REGIME; elif [[ $REGIME == premise ]]; then folder+=-premise; fi
+  if [[ $STUDY == 1 ]]; then folder+=-study-$REGIME; elif [[ $REGIME != knowledge ]]; then folder+=-$REGIME; fi
   OUT=${OUT:-runs/$folder}
   STUDENT_PRETRAIN_STEPS=$((3 * PRETRAIN_STEPS))
   N_CORPUS=$((STUDENT_PRETRAIN_STEPS * PRETRAIN_BATCH))  # the student reads it once, the teacher its first third
@@ -176,7 +186,8 @@ if [[ $MODE == toy ]]; then
   LAUNCH=("$PYTHON")
   TRAIN_DATA=(--data "$DATA_DIR/train.jsonl") TEST_DATA=(--data "$DATA_DIR/test.jsonl")
   # one micro-batch per step: splitting it cuts padding but costs more than it saves on these small models
-  COMMON=(--batch-size "$BATCH" --micro-batch-size "$BATCH" --max-len 256 --log-every "$LOG_EVERY" --save-every 200)
+  MAX_LEN=256 CACHED=$STUDY  # the study's off-policy FKL and Delta-KD students read one cache of pi* per alpha
+  COMMON=(--batch-size "$BATCH" --micro-batch-size "$BATCH" --max-len "$MAX_LEN" --log-every "$LOG_EVERY" --save-every 200)
   PRETRAIN=(--batch-size "$PRETRAIN_BATCH" --micro-batch-size "$PRETRAIN_BATCH" --lr 3e-3 --min-lr 3e-4 --warmup-steps 20
             --max-len 256 --log-every "$LOG_EVERY" --save-every 200)
   FINETUNE=(--lr "$LR" --min-lr 1e-4 --warmup-steps 10)
@@ -186,6 +197,12 @@ if [[ $MODE == toy ]]; then
   MINILLM=(--mix 0.2 --reward-scale 0.5 --ppo-epochs 4 --num-rollouts $((2 * BATCH)) --max-new-tokens "$NEW_TOKENS")
   ON_POLICY=(--on-policy 0.5 --max-new-tokens "$NEW_TOKENS")
   TEACHER_RAW=$OUT/teacher-raw/final STUDENT_RAW=$OUT/student-raw/final
+  # the teacher's own corpus and SFT data: in student-knows, without the facts that only the raw student knows
+  TEACHER_CORPUS=$DATA_DIR/corpus.jsonl TEACHER_DATA=("${TRAIN_DATA[@]}") MARK=()
+  if [[ $REGIME == student-knows ]]; then
+    TEACHER_CORPUS=$DATA_DIR/corpus-teacher.jsonl TEACHER_DATA=(--data "$DATA_DIR/sft.jsonl")
+    MARK=(--mark 'costs (\d+) dollars')  # the diagnostic's "marked" class: the prices that a reply states
+  fi
 else
   DATASET=${DATASET:-ultrachat}
   OUT=${OUT:-runs/paper-$DATASET}
@@ -219,7 +236,7 @@ else
               SEQKD_TRAIN=(--data "$OUT/seqkd-data/train.jsonl" --drop-long) ;;
     *) echo "DATASET must be ultrachat or openmath, not $DATASET" >&2; exit 2 ;;
   esac
-  TEACHER_STEPS=$STEPS BATCH=128 SEEDS=1
+  TEACHER_STEPS=$STEPS BATCH=128 SEEDS=1 CACHED=1
   COMMON=(--batch-size 128 --micro-batch-size "$MICRO" --max-len "$MAX_LEN" --grad-ckpt --log-every 10
           --save-every 200)
   FINETUNE=(--lr 1e-5 --min-lr 1e-6 --warmup-steps 50)
@@ -228,23 +245,27 @@ else
   # MiniLLM's own rollout settings, from its public Qwen2.5 7B -> 1.5B script; the optimizer and budget are ours
   MINILLM=(--mix 0.2 --reward-scale 0.5 --ppo-epochs 4 --num-rollouts 256 --max-new-tokens 256)
   ON_POLICY=(--on-policy 0.5 --max-new-tokens 256)
-  TEACHER_RAW=Qwen/Qwen2.5-7B STUDENT_RAW=Qwen/Qwen2.5-1.5B
+  TEACHER_RAW=Qwen/Qwen2.5-7B STUDENT_RAW=Qwen/Qwen2.5-1.5B TEACHER_DATA=("${TRAIN_DATA[@]}") MARK=()
 fi
 if [[ $FRESH == 1 && $DRY == 0 ]]; then echo "+ rm -rf $OUT"; rm -rf "$OUT"; fi
 if [[ $DRY == 0 ]]; then mkdir -p "$OUT"; fi
 TEACHER=$OUT/teacher-ft/final
+# targets.py keeps pi*'s TOP_K most likely ids per position (and one bucket for the rest's mass): docs/targets.md
+TOP_K=${TOP_K:-64}
 echo "# reproduce.sh $MODE$([[ $MODE == toy ]] && echo ", $REGIME regime")$([[ $STUDY == 1 ]] && echo ", study of" \
   "$SEEDS seeds"): writing to $OUT"
 
 # ------------------------------------------------------------------------------------------------ the steps
 # pretrain WHO STEPS: a toy raw model, from random weights on the plain-text corpus
 pretrain() {
+  local corpus=$DATA_DIR/corpus.jsonl
+  if [[ $1 == teacher ]]; then corpus=$TEACHER_CORPUS; fi
   run "$OUT/$1-raw/final" "${LAUNCH[@]}" train.py --model "$OUT/init/$1" --random-init --loss sft \
-    --data "$DATA_DIR/corpus.jsonl" --max-steps "$2" "${PRETRAIN[@]}" --out "$OUT/$1-raw"
+    --data "$corpus" --max-steps "$2" "${PRETRAIN[@]}" --out "$OUT/$1-raw"
 }
 
 teacher_sft() {
-  run "$TEACHER" "${LAUNCH[@]}" train.py --model "$TEACHER_RAW" --loss sft "${TRAIN_DATA[@]}" \
+  run "$TEACHER" "${LAUNCH[@]}" train.py --model "$TEACHER_RAW" --loss sft "${TEACHER_DATA[@]}" \
     --max-steps "$TEACHER_STEPS" "${FINETUNE[@]}" "${COMMON[@]}" --out "$OUT/teacher-ft"
 }
 
@@ -256,6 +277,16 @@ seqkd_answers() {
     --write-data "$OUT/seqkd-data/train.jsonl"
 }
 
+# targets ALPHA: the cache of pi* at ALPHA (T = 1) over the training data, as the students read it: one teacher-forced
+# pass of the frozen models, made once and read by every seed (the paper's decoupled inference). alpha 0 is FKL's
+# target, the fine-tuned teacher's distribution, and needs no raw model.
+targets() {
+  local raw=()
+  if [[ $1 != 0 ]]; then raw=(--model "$STUDENT_RAW" --teacher-raw "$TEACHER_RAW"); fi
+  run "$OUT/targets/alpha$1/complete.json" "${LAUNCH[@]}" targets.py --teacher "$TEACHER" "${raw[@]}" --alpha "$1" \
+    --top-k "$TOP_K" "${TRAIN_DATA[@]}" --max-len "$MAX_LEN" "${DIAGNOSE[@]}" --out "$OUT/targets/alpha$1"
+}
+
 # evaluation MODEL OUT: ROUGE of the model's greedy replies to the test prompts
 evaluation() {
   run "$2/summary.json" "${LAUNCH[@]}" evaluate.py --model "$1" "${TEST_DATA[@]}" --max-examples "$EVAL_EXAMPLES" \
@@ -263,11 +294,11 @@ evaluation() {
 }
 
 # diagnosis STUDENT TEACHER OUT DATA...: Delta-KD's target from STUDENT (the raw student, or a trained one in its
-# place), TEACHER and the raw teacher, teacher-forced on the replies of DATA (evaluate.py --diagnose)
+# place), TEACHER and the raw teacher, teacher-forced on the replies of DATA (diagnose.py)
 diagnosis() {
   local student=$1 teacher=$2 out=$3; shift 3
-  run "$out/diagnose.json" "${LAUNCH[@]}" evaluate.py --diagnose --model "$student" --teacher "$teacher" \
-    --teacher-raw "$TEACHER_RAW" "$@" --max-examples "$EVAL_EXAMPLES" "${DIAGNOSE[@]}" --out "$out"
+  run "$out/diagnose.json" "${LAUNCH[@]}" diagnose.py --model "$student" --teacher "$teacher" \
+    --teacher-raw "$TEACHER_RAW" "$@" --max-examples "$EVAL_EXAMPLES" "${DIAGNOSE[@]}" "${MARK[@]}" --out "$out"
 }
 
 # report ARGS...: report.py on the run folders: the tables, plots and checks
@@ -286,14 +317,23 @@ student() {
   dir=$(seed_dir "$seed")
   case $name in  # the paper's methods are one loss function with different settings (see deltakd.py)
     sft) method=(--loss sft "${TRAIN_DATA[@]}") ;;
-    fkl | rkl) method=(--loss "$name" --teacher "$TEACHER" "${TRAIN_DATA[@]}") ;;
+    fkl | deltakd | deltakd-alpha*)  # off-policy: pi* from its cache, or from the frozen models online
+      local loss=deltakd alpha=1
+      case $name in fkl) loss=fkl alpha=0 ;; deltakd-alpha*) alpha=${name#deltakd-alpha} ;; esac
+      if [[ $CACHED == 1 ]]; then
+        method=(--loss "$loss" --targets "$OUT/targets/alpha$alpha" "${TRAIN_DATA[@]}")
+      elif [[ $loss == fkl ]]; then
+        method=(--loss fkl --teacher "$TEACHER" "${TRAIN_DATA[@]}")
+      else
+        method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" "${TRAIN_DATA[@]}")
+        if [[ $name == deltakd-alpha* ]]; then method+=(--alpha "$alpha"); fi
+      fi ;;
+    rkl) method=(--loss rkl --teacher "$TEACHER" "${TRAIN_DATA[@]}") ;;
     seqkd) method=(--loss sft "${SEQKD_TRAIN[@]}") ;;
     minillm) method=(--loss minillm --teacher "$TEACHER" "${MINILLM[@]}" "${TRAIN_DATA[@]}") ;;
-    deltakd) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" "${TRAIN_DATA[@]}") ;;
+    deltakd-online) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" "${TRAIN_DATA[@]}") ;;
     deltakd-onpolicy) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" "${ON_POLICY[@]}"
                               "${TRAIN_DATA[@]}") ;;
-    deltakd-alpha*) method=(--loss deltakd --teacher "$TEACHER" --teacher-raw "$TEACHER_RAW" --alpha "${name#*alpha}"
-                            "${TRAIN_DATA[@]}") ;;
   esac
   run "$dir/$name/final" "${LAUNCH[@]}" train.py --model "$STUDENT_RAW" "${method[@]}" --max-steps "$STEPS" \
     "${FINETUNE[@]}" "${COMMON[@]}" --seed "$seed" --out "$dir/$name"
@@ -315,7 +355,7 @@ if [[ $MODE == toy ]]; then
   "rope_theta": 1000000.0, "tie_word_embeddings": true, "max_position_embeddings": 512}'
   stage pre-training
   lane pretrain teacher "$PRETRAIN_STEPS"
-  # what needs only the raw student runs while the (larger) teacher pre-trains; in the premise regime no student
+  # what needs only the raw student runs while the (larger) teacher pre-trains; in the other regimes no student
   # trains before the gate
   student_side() {
     pretrain student "$STUDENT_PRETRAIN_STEPS"
@@ -350,13 +390,30 @@ if [[ $MODE == paper ]]; then
 fi
 stage "teacher SFT"
 teacher_sft
+# The student-knows regime's premise is a raw student that knows facts that neither teacher does. Its gate is the
+# diagnostic on the held-out replies that state student-only prices, in the SFT style and in the pre-training style:
+# report.py --gate-facts stops the run unless, at the prices, the raw student is right often enough and both teachers
+# seldom enough (FACT_GATE, least and most).
+if [[ $MODE == toy && $REGIME == student-knows ]]; then
+  stage gate
+  diagnosis "$STUDENT_RAW" "$TEACHER" "$OUT/gate-facts" --data "$DATA_DIR/test-facts.jsonl"
+  diagnosis "$STUDENT_RAW" "$TEACHER" "$OUT/gate-facts-style-a" --data "$DATA_DIR/test-facts-style-a.jsonl"
+  report "$OUT" --gate-facts "$FACT_GATE"
+fi
 stage diagnostic
 diagnosis "$STUDENT_RAW" "$TEACHER" "$OUT/diagnose" "${TEST_DATA[@]}"
+if [[ $CACHED == 1 ]]; then  # every alpha's cache before any student: the frozen models run once per alpha
+  stage targets
+  ALPHAS=(1 0)
+  if [[ $STUDY == 1 ]]; then ALPHAS=(1 0.25 0.5 0.75 0); fi
+  for alpha in "${ALPHAS[@]}"; do lane targets "$alpha"; done
+  lanes_done
+fi
 stage students
 seqkd_then_student() { seqkd_answers; student seqkd 0; }
 lane seqkd_then_student
 for name in deltakd-onpolicy minillm deltakd fkl rkl deltakd-alpha0; do lane student "$name" 0; done
-if [[ $REGIME == premise ]]; then lane student sft 0; fi  # after the gate
+if [[ $REGIME != knowledge ]]; then lane student sft 0; fi  # after the gate
 lane evaluation "$TEACHER" "$OUT/eval/teacher-ft"
 lanes_done
 stage end
@@ -367,12 +424,15 @@ if [[ $STUDY == 0 ]]; then report "$OUT"; fi
 # ------------------------------------------------------------------------------------------------ 7. the study
 # Every student method again with seeds 1 .. SEEDS-1 (seed 0 is the run above), and Delta-KD's alpha between FKL's
 # 0 and the paper's 1. The shared steps above (data, raw and fine-tuned models, SeqKD answers) are not redone, nor,
-# in the knowledge regime, the SFT students, which ran beside the teacher's pre-training (the premise regime trains
+# in the knowledge regime, the SFT students, which ran beside the teacher's pre-training (the other regimes train
 # them here, after its gate). FKL is the alpha = 0 point: at seed 0 both ran, and results-seed0.md shows them equal
-# to the last digit.
+# to the last digit. The off-policy FKL and Delta-KD students read pi* from the caches made above (top TOP_K ids and a
+# tail bucket); deltakd-online is Delta-KD at alpha 1 with the frozen models online, the check that the cache changes
+# nothing that the students' scores can see (report.py pairs the two, seed by seed).
 if [[ $STUDY == 1 ]]; then
   stage study
-  METHODS=(sft fkl rkl seqkd minillm deltakd-onpolicy deltakd-alpha0.25 deltakd-alpha0.5 deltakd-alpha0.75 deltakd)
+  METHODS=(sft fkl rkl seqkd minillm deltakd-onpolicy deltakd-alpha0.25 deltakd-alpha0.5 deltakd-alpha0.75 deltakd
+           deltakd-online)
   for ((seed = 0; seed < SEEDS; seed++)); do
     for name in "${METHODS[@]}"; do
       if [[ ($name == sft && $REGIME == knowledge) || ($seed == 0 && " ${STUDENTS[*]} " == *" $name "*) ]]; then

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import unicodedata
 from pathlib import Path
 
@@ -36,23 +37,26 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
+import diagnose
 import evaluate
 import minillm
+import parallel
 import toy
 import train
-from deltakd import delta_kd_loss
-from evaluate import corpus_rouge, main, porter_stem, rouge, tokenize, write_seqkd_data
-from model import (Decoder, Qwen2, Qwen2Config, attend, attention_mask_4d, load_weights, resolve_model_dir,
-                   rope_inv_freq, sample)
+from deltakd import delta_kd_loss, delta_kd_loss_reference, delta_kd_target, topk_target
+from evaluate import main, write_seqkd_data
+from generate import Decoder, generate, gumbel, sample, seed_of
+from model import Qwen2, Qwen2Config, attend, attention_mask_4d, load_weights, resolve_model_dir, rope_inv_freq
+from rouge import corpus_rouge, porter_stem, rouge, tokenize
 
 REPO = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# bench.py's host-sync counter: the instrument that the step and decoding tests count with
+# measure.py's host-sync counter: the instrument that the step and decoding tests count with
 
 def test_host_sync_counter_sees_every_data_dependent_op():
-    from bench import HostSyncs
+    from measure import HostSyncs
     x = torch.arange(6.0).view(2, 3)
     mask = x > 2
     syncing = {".item() / bool() / int() / float()": [lambda: x.sum().item(), lambda: bool((x > 0).all()),
@@ -74,24 +78,25 @@ def test_host_sync_counter_sees_every_data_dependent_op():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# deltakd.py: the loss, against float64 formulas
+# deltakd.py: the reference against the paper's product form in float64; the production loss against the reference
 
-def _loss_reference(s, labels, t, t_raw, s_raw, alpha, T, lam, divergence="fkl", vocab=None):
-    """The paper's formula written out position by position in float64, in probability space: pi* =
-    pi_t_ft * (pi_s_raw / pi_t_raw)^alpha / Z, L = lam * CE + (1 - lam) * T^2 * KL, mean over counted positions."""
-    vocab = vocab or min(x.shape[-1] for x in (s, t, t_raw, s_raw))
+def _loss_oracle(s, labels, t, t_raw, s_raw, alpha, T, lam, divergence="fkl"):
+    """The paper's formula written out position by position in float64, in probability space, as its (1) gives it:
+    pi* = pi_t_ft * (pi_s_raw / pi_t_raw)^alpha / Z, L = lam * CE + (1 - lam) * T^2 * KL, mean over counted positions.
+    Independent of deltakd.py's log-space code, which it checks."""
     s = s.double()
     total, count = 0.0, 0
     for i in range(labels.shape[0]):
         y = int(labels[i])
         if y == -100:
             continue
-        softmax = lambda x: torch.softmax(x[i, :vocab].double() / T, dim=0)
+        def softmax(x):
+            return torch.softmax(x[i].double() / T, dim=0)
         unnormalised = softmax(t) * (softmax(s_raw) / softmax(t_raw)) ** alpha
         target = unnormalised / unnormalised.sum()
         q = softmax(s)
         kl = (target * (target / q).log()).sum() if divergence == "fkl" else (q * (q / target).log()).sum()
-        ce = -torch.log_softmax(s[i, :vocab], dim=0)[y]
+        ce = -torch.log_softmax(s[i], dim=0)[y]
         total = total + lam * ce + (1 - lam) * T * T * kl
         count += 1
     return total / max(count, 1)
@@ -106,10 +111,55 @@ def _loss_inputs(n=9, vocab=13, extra=(2, 3, 1, 0), scale=2.0, seed=0, dtype=tor
     return s.requires_grad_(), labels, t, t_raw, s_raw
 
 
+def _loss_reference(s, labels, t, t_raw, s_raw, alpha=1.0, T=1.0, lam=0.5, divergence="fkl", vocab=None,
+                    ignore_index=-100):
+    """deltakd.delta_kd_loss_reference on every input cut to the first `vocab` ids (the reference takes them so)."""
+    vocab = vocab or min(x.shape[-1] for x in (s, t, t_raw, s_raw))
+    s, t, t_raw, s_raw = (x[..., :vocab] for x in (s, t, t_raw, s_raw))
+    return delta_kd_loss_reference(s, labels, t, t_raw, s_raw, alpha=alpha, temperature=T, lam=lam,
+                                   divergence=divergence, ignore_index=ignore_index)
+
+
+PAPER_SETTINGS = [(1.0, 1.0, 0.5), (0.5, 2.0, 0.2), (1.5, 0.5, 0.0), (0.0, 3.0, 0.7)]  # alpha, T, lam
+
+
 @pytest.mark.parametrize("divergence", ["fkl", "rkl"])
-@pytest.mark.parametrize("alpha,T,lam", [(1.0, 1.0, 0.5), (0.5, 2.0, 0.2), (1.5, 0.5, 0.0), (0.0, 3.0, 0.7)])
-def test_loss_matches_float64_formula_value_and_gradient(divergence, alpha, T, lam):
-    s, labels, t, t_raw, s_raw = _loss_inputs()
+@pytest.mark.parametrize("alpha,T,lam", PAPER_SETTINGS)
+def test_loss_reference_is_the_papers_product_form(divergence, alpha, T, lam):
+    s, labels, t, t_raw, s_raw = _loss_inputs(extra=(0, 0, 0, 0))
+    reference = delta_kd_loss_reference(s, labels, t, t_raw, s_raw, alpha, T, lam, divergence)
+    oracle = _loss_oracle(s, labels, t, t_raw, s_raw, alpha, T, lam, divergence)
+    assert reference.dtype == torch.float64
+    torch.testing.assert_close(reference, oracle, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(reference, s), torch.autograd.grad(oracle, s), rtol=1e-9,
+                               atol=1e-12)
+    if alpha == 0:  # the raw models take no part
+        torch.testing.assert_close(delta_kd_loss_reference(s, labels, t, None, None, 0.0, T, lam, divergence),
+                                   reference)
+    counted = labels != -100
+    torch.testing.assert_close(delta_kd_loss_reference(s, labels, None, None, None, alpha, T, 1.0, divergence),
+                               F.cross_entropy(s[counted], labels[counted]))  # lam = 1: SFT, no teacher
+
+
+def test_loss_target_is_the_papers_product_form_at_any_shape():
+    _, _, t, t_raw, s_raw = _loss_inputs(n=12, extra=(0, 0, 0, 0))
+    for alpha, T in ((1.0, 1.0), (0.4, 2.5), (0.0, 0.7)):
+        def p(x):
+            return torch.softmax(x / T, -1)
+        product = p(t) * (p(s_raw) / p(t_raw)) ** alpha  # (1)
+        log_target = delta_kd_target(t.view(3, 4, -1), t_raw.view(3, 4, -1), s_raw.view(3, 4, -1), alpha, T)
+        assert log_target.shape == (3, 4, 13) and log_target.dtype == torch.float64
+        torch.testing.assert_close(log_target.view(12, -1).exp(), product / product.sum(-1, keepdim=True))
+        # the temperature once, on the "effective teacher logits" (the derivation's (3))
+        torch.testing.assert_close(log_target.view(12, -1), torch.log_softmax((t + alpha * (s_raw - t_raw)) / T, -1))
+    torch.testing.assert_close(delta_kd_target(t, None, None, 0.0, 2.0), torch.log_softmax(t / 2.0, -1))
+    assert delta_kd_target(t.bfloat16(), None, None, 0.0, 1.0).dtype == torch.float32
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl"])
+@pytest.mark.parametrize("alpha,T,lam", PAPER_SETTINGS)
+def test_loss_equals_the_reference_values_and_gradients(divergence, alpha, T, lam):
+    s, labels, t, t_raw, s_raw = _loss_inputs()  # last dimensions 15, 16, 14, 13: the first 13 ids compared
     ours = delta_kd_loss(s, labels, t, t_raw, s_raw, alpha=alpha, temperature=T, lam=lam, divergence=divergence)
     reference = _loss_reference(s, labels, t, t_raw, s_raw, alpha, T, lam, divergence)
     (g_ours,) = torch.autograd.grad(ours, s)
@@ -123,8 +173,9 @@ def test_loss_matches_float64_formula_value_and_gradient(divergence, alpha, T, l
 @pytest.mark.parametrize("divergence", ["fkl", "rkl"])
 def test_loss_gradcheck(divergence):
     s, labels, t, t_raw, s_raw = _loss_inputs(n=5, vocab=6)
-    fn = lambda s: delta_kd_loss(s, labels, t, t_raw, s_raw, alpha=0.8, temperature=1.7, lam=0.3,
-                                 divergence=divergence, chunk_size=2)
+    def fn(s):
+        return delta_kd_loss(s, labels, t, t_raw, s_raw, alpha=0.8, temperature=1.7, lam=0.3, divergence=divergence,
+                             chunk_size=2)
     assert torch.autograd.gradcheck(fn, (s,))
 
 
@@ -134,8 +185,7 @@ def test_loss_gradient_is_T_times_q_minus_target():
     T, alpha = 2.5, 1.0
     loss = delta_kd_loss(s, labels, t, t_raw, s_raw, alpha=alpha, temperature=T, lam=0.0)
     (grad,) = torch.autograd.grad(loss, s)
-    target = torch.softmax(torch.log_softmax(t / T, -1) + alpha * (torch.log_softmax(s_raw / T, -1)
-                                                                   - torch.log_softmax(t_raw / T, -1)), -1)
+    target = delta_kd_target(t, t_raw, s_raw, alpha, T).exp()
     torch.testing.assert_close(grad * 4, T * (torch.softmax(s.detach() / T, -1) - target))
 
 
@@ -239,7 +289,8 @@ def test_loss_bf16_inputs_computed_in_fp32():
 @pytest.mark.parametrize("divergence", ["fkl", "rkl"])
 def test_loss_extreme_and_infinite_logits_stay_finite(divergence):
     s, labels, t, t_raw, s_raw = _loss_inputs(n=8, vocab=10, extra=(0, 0, 0, 0), dtype=torch.float32)
-    signs = lambda x: torch.where(x > 0, 1e4, -1e4)
+    def signs(x):
+        return torch.where(x > 0, 1e4, -1e4)
     s = signs(s.detach()).requires_grad_()
     t, t_raw, s_raw = signs(t), signs(t_raw), signs(s_raw)
     for T in (1.0, 0.1):
@@ -307,7 +358,7 @@ def test_loss_backward_scales_and_repeats():
 def test_loss_scaled_backward_needs_no_second_buffer_and_no_host_sync():
     """A scaled loss (lam * loss, loss * scale) multiplies the gradient buffer in place on the device: backward makes
     no new tensor the size of the logits and reads nothing back to the host."""
-    from bench import HostSyncs
+    from measure import HostSyncs
     s, labels, t, t_raw, s_raw = _loss_inputs(n=12, dtype=torch.float32)
     expected = 0.25 * torch.autograd.grad(delta_kd_loss(s, labels, t, t_raw, s_raw), s)[0]
     loss = delta_kd_loss(s, labels, t, t_raw, s_raw)
@@ -343,34 +394,24 @@ def test_loss_bad_arguments_are_named():
         delta_kd_loss(s, bad, t, t_raw, s_raw)
 
 
-def _loss_reference_log(s, labels, t, t_raw, s_raw, alpha, T, lam, ignore_index=-100, divergence="fkl"):
-    """The same formula in float64 log space (a probability-space product underflows at logits of 1e4)."""
-    s, t, t_raw, s_raw = (x.detach().double() for x in (s, t, t_raw, s_raw))
-    keep = labels != ignore_index
-    log_p = torch.log_softmax(torch.log_softmax(t / T, -1) + alpha * (torch.log_softmax(s_raw / T, -1)
-                                                                      - torch.log_softmax(t_raw / T, -1)), -1)
-    log_q = torch.log_softmax(s / T, -1)
-    kl = (log_p.exp() * (log_p - log_q) if divergence == "fkl" else log_q.exp() * (log_q - log_p)).sum(-1)
-    ce = -torch.log_softmax(s, -1).gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
-    return ((lam * ce + (1 - lam) * T * T * kl) * keep).sum() / keep.sum()
-
-
 def test_loss_custom_ignore_index():
     s, labels, t, t_raw, s_raw = _loss_inputs(extra=(0, 0, 0, 0))
     labels[labels == -100] = -1
     ours = delta_kd_loss(s, labels, t, t_raw, s_raw, temperature=2.0, ignore_index=-1)
-    torch.testing.assert_close(ours, _loss_reference_log(s, labels, t, t_raw, s_raw, 1.0, 2.0, 0.5, ignore_index=-1))
+    torch.testing.assert_close(ours, _loss_reference(s, labels, t, t_raw, s_raw, 1.0, 2.0, 0.5, ignore_index=-1))
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "rkl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_loss_extreme_logits_match_float64_by_value(dtype, divergence):
     s, labels, t, t_raw, s_raw = _loss_inputs(n=8, vocab=10, extra=(0, 0, 0, 0), dtype=torch.float32)
-    big = lambda x: (x.detach() * 1e4 / 3).to(dtype)  # logits up to about +-1e4, exact in fp32, rounded in bf16
+    def big(x):  # logits up to about +-1e4, exact in fp32, rounded in bf16
+        return (x.detach() * 1e4 / 3).to(dtype)
     s, t, t_raw, s_raw = big(s).requires_grad_(), big(t), big(t_raw), big(s_raw)
     for T in (1.0, 0.1):
         ours = delta_kd_loss(s, labels, t, t_raw, s_raw, temperature=T, divergence=divergence)
-        expected = _loss_reference_log(s, labels, t, t_raw, s_raw, 1.0, T, 0.5, divergence=divergence)
+        s64, t64, t_raw64, s_raw64 = (x.detach().double() for x in (s, t, t_raw, s_raw))
+        expected = _loss_reference(s64, labels, t64, t_raw64, s_raw64, 1.0, T, 0.5, divergence=divergence)
         torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-3)
 
 
@@ -385,12 +426,12 @@ def test_loss_minus_inf_in_the_raw_student_gives_zero_target_mass():
     torch.testing.assert_close(target.sum(-1), torch.ones(6))
 
 
-@pytest.mark.parametrize("which", ["teacher", "teacher_raw", "student_raw"])
+@pytest.mark.parametrize("which", ["t_ft", "t_raw", "s_raw"])
 def test_loss_nan_in_a_frozen_model_gives_nan(which):
     s, labels, t, t_raw, s_raw = _loss_inputs(extra=(0, 0, 0, 0))
-    frozen = {"teacher": t, "teacher_raw": t_raw, "student_raw": s_raw}
+    frozen = {"t_ft": t, "t_raw": t_raw, "s_raw": s_raw}
     frozen[which][1, 3] = float("nan")  # row 1 is counted (labels[::4] are ignored)
-    assert torch.isnan(delta_kd_loss(s, labels, frozen["teacher"], frozen["teacher_raw"], frozen["student_raw"]))
+    assert torch.isnan(delta_kd_loss(s, labels, frozen["t_ft"], frozen["t_raw"], frozen["s_raw"]))
 
 
 def test_loss_rkl_against_a_zero_mass_target_is_huge_but_finite():
@@ -449,7 +490,7 @@ def test_loss_negative_label_is_refused():
 def test_loss_given_positions_spare_the_search_and_every_host_sync():
     """positions, the flat indices of the counted positions, give today's values and gradients for any leading shape
     and view, with no host sync in forward or backward; a bad label there is still caught, on the device."""
-    from bench import HostSyncs
+    from measure import HostSyncs
     s, labels, t, t_raw, s_raw = _loss_inputs(n=12, dtype=torch.float32)
     # (2, 6): rows of 6, so that a flat index read without the row stride lands on another position
     big = [torch.cat([x.detach().view(2, 6, -1), torch.randn(2, 1, x.shape[-1])], 1) for x in (s, t, t_raw, s_raw)]
@@ -482,7 +523,8 @@ def test_loss_fused_chunks_equal_eager_and_pass_gradcheck():
     graphs = counters["stats"]["unique_graphs"]
     s, labels, t, t_raw, s_raw = _loss_inputs(n=5, vocab=6)  # float64; 3 counted positions: chunks of 2, then 1
     kw = dict(alpha=0.8, temperature=1.7, lam=0.3, chunk_size=2)
-    fn = lambda s, fused: delta_kd_loss(s, labels, t, t_raw, s_raw, **kw, fused=fused)
+    def fn(s, fused):
+        return delta_kd_loss(s, labels, t, t_raw, s_raw, **kw, fused=fused)
     assert torch.autograd.gradcheck(lambda s: fn(s, True), (s,))
     torch.testing.assert_close(fn(s, True), fn(s, False), rtol=1e-12, atol=0)
     s, labels, t, t_raw, s_raw = _loss_inputs(n=23, vocab=40, extra=(3, 8, 5, 0), dtype=torch.float32)
@@ -494,6 +536,98 @@ def test_loss_fused_chunks_equal_eager_and_pass_gradcheck():
             fused_results = loss, parts, grad
     torch.testing.assert_close(fused_results, (loss, parts, grad), rtol=1e-6, atol=1e-6 * grad.abs().max().item())
     assert counters["stats"]["unique_graphs"] >= graphs + 2
+
+
+def _bucket_oracle(log_target, ids, s, T, divergence):
+    """The loss on a cached target (deltakd.py (7)) in float64, as its formula reads: the k kept ids, then the tail as
+    one outcome, of mass r under pi* and Q under the student: T^2 times the mean over positions, lam = 0."""
+    p, q = log_target.double().exp(), torch.softmax(s.double() / T, -1)
+    kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, ids, True)
+    r, Q = (p * ~kept).sum(-1), (q * ~kept).sum(-1)
+    if divergence == "fkl":
+        kl = torch.where(kept, p * (p.log() - q.log()), 0).sum(-1) + r * (r / Q).log()
+    else:
+        kl = torch.where(kept, q * (q.log() - p.log()), 0).sum(-1) + Q * (Q / r).log()
+    return T * T * kl.mean()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("divergence", ["fkl", "rkl"])
+def test_loss_on_a_cached_target_is_exact_at_k_all_and_the_bucket_formula_below(divergence, fused):
+    """At k = V, the very loss and gradient of the online target; below, the formula. Compiled (fused), each setting
+    compiles: one setting there."""
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=11, extra=(0, 0, 0, 0))
+    counted = labels != -100
+    for alpha, T, lam in PAPER_SETTINGS[:1] if fused else PAPER_SETTINGS:
+        log_target = delta_kd_target(t[counted], t_raw[counted], s_raw[counted], alpha, T)
+        kw = dict(temperature=T, lam=lam, divergence=divergence, chunk_size=3, fused=fused)
+        online = delta_kd_loss(s, labels, t, t_raw, s_raw, alpha=alpha, **kw)
+        cached = delta_kd_loss(s, labels, target=topk_target(log_target, 99), **kw)  # k >= V keeps every id
+        torch.testing.assert_close(cached, online, rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(cached, s), torch.autograd.grad(online, s), rtol=1e-12, atol=0)
+        for k in (4,) if fused else (1, 4, 12):
+            target = topk_target(log_target, k)
+            bucket = delta_kd_loss(s, labels, target=target, **{**kw, "lam": 0.0})
+            oracle = _bucket_oracle(log_target, target.ids, s[counted], T, divergence)
+            torch.testing.assert_close(bucket, oracle, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(torch.autograd.grad(bucket, s)[0][counted], torch.autograd.grad(oracle, s)[0][
+                counted], rtol=1e-9, atol=1e-12)
+
+
+def test_loss_tail_bucket_never_exceeds_the_exact_kl_and_misses_r_times_the_tails_kl():
+    """deltakd.py (8): KL_k = KL - r KL(pi*_t || q_t) for "fkl"; the gradient's error is at most 2 T r per position
+    (before the 1 / num_tokens), and T r |pi*_t - q_t|_1 exactly."""
+    s, labels, t, t_raw, s_raw = _loss_inputs(n=16, extra=(0, 0, 0, 0))
+    labels[:] = 0
+    T = 1.5
+    log_target = delta_kd_target(t, t_raw, s_raw, 1.0, T)
+
+    def exact_each(log_p):  # KL(pi* || q) at each position
+        return (log_p.exp() * (log_p - torch.log_softmax(s.detach() / T, -1))).sum(-1)
+    for k in (1, 3, 8):
+        target = topk_target(log_target, k)
+        p, q = log_target.exp(), torch.softmax(s.detach() / T, -1)
+        kept = torch.zeros_like(p, dtype=torch.bool).scatter_(1, target.ids, True)
+        r, Q = (p * ~kept).sum(-1), (q * ~kept).sum(-1)
+        torch.testing.assert_close(target.log_tail.exp(), r)
+        tails = torch.where(kept, 0, (p / r[:, None]) * ((p / r[:, None]).log() - (q / Q[:, None]).log())).sum(-1)
+        bucket = delta_kd_loss(s, labels, target=target, temperature=T, lam=0.0) / (T * T)
+        torch.testing.assert_close(bucket, (exact_each(log_target) - r * tails).mean())
+        assert bucket <= exact_each(log_target).mean()
+        (g_bucket,) = torch.autograd.grad(bucket * T * T, s)
+        (g_exact,) = torch.autograd.grad(delta_kd_loss(s, labels, t, t_raw, s_raw, temperature=T, lam=0.0), s)
+        error = (g_bucket - g_exact).abs().sum(-1) * len(labels)  # per position, without the 1 / num_tokens
+        torch.testing.assert_close(error, T * r * (p / r[:, None] - q / Q[:, None]).abs().where(~kept, 0).sum(-1))
+        assert (error <= 2 * T * r + 1e-12).all()
+
+
+def test_loss_topk_target_keeps_the_most_likely_ids_and_their_tail_mass():
+    _, _, t, t_raw, s_raw = _loss_inputs(n=6, extra=(0, 0, 0, 0))
+    log_target = delta_kd_target(t, t_raw, s_raw, 1.0, 1.0)
+    log_target[0, 5] = -1e30  # an id with no mass (a masked row)
+    log_target[0] = torch.log_softmax(log_target[0], -1)
+    for k in (1, 5, 13, 50):
+        target = topk_target(log_target, k)
+        assert target.ids.shape == target.log_probs.shape == (6, min(k, 13)) and target.log_tail.shape == (6,)
+        kept_mass = target.log_probs.exp().sum(-1)
+        assert (target.log_probs == log_target.gather(1, target.ids)).all()
+        assert (target.log_probs[:, :-1] >= target.log_probs[:, 1:]).all()  # the most likely first
+        assert (target.log_probs[:, -1:] >= log_target.scatter(1, target.ids, -1e30)).all()  # none left is likelier
+        torch.testing.assert_close(kept_mass + target.log_tail.exp(), torch.ones(6, dtype=torch.float64))
+    assert (topk_target(log_target, 13).log_tail == -1e30).all()  # every id kept: no tail
+
+
+def test_loss_cached_target_bad_arguments_are_named():
+    s, labels, t, t_raw, s_raw = _loss_inputs(extra=(0, 0, 0, 0))
+    target = topk_target(delta_kd_target(t, t_raw, s_raw, 1.0, 1.0)[labels != -100], 4)
+    with pytest.raises(ValueError, match="pass it instead of the frozen models' logits"):
+        delta_kd_loss(s, labels, t, target=target)
+    with pytest.raises(ValueError, match="must be a TopK"):
+        delta_kd_loss(s, labels, target=tuple(target))
+    with pytest.raises(ValueError, match="target has 6 positions, labels count 9"):
+        delta_kd_loss(s, labels.clamp(min=0), target=target)
+    with pytest.raises(ValueError, match="target has 6 positions, `positions` 2"):
+        delta_kd_loss(s, labels, target=target, positions=torch.tensor([1, 2]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -583,24 +717,6 @@ def test_model_padding_gives_unpadded_logits(tmp_path):
         torch.testing.assert_close(ours(ids, mask, logits_at=at), out.flatten(0, 1)[at])
 
 
-@pytest.mark.parametrize("name", ["tied-gqa", "untied-mqa"])
-def test_model_greedy_generation_follows_oracle_argmax(tmp_path, name):
-    # in float64, where the two models agree to ~1e-14: a near-tie between two tokens cannot flip on another CPU
-    ours, hf = (m.double() for m in _model_pair(tmp_path, name))
-    rows = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15]]
-    ids, mask = _model_left_pad(rows)
-    N = 12
-    out = ours.generate(ids, mask, max_new_tokens=N)
-    assert out.shape == (3, ids.size(1) + N) and torch.equal(out[:, :ids.size(1)], ids)
-    for i, r in enumerate(rows):
-        seq = torch.cat([torch.tensor(r), out[i, ids.size(1):]])
-        logits = hf(seq[None]).logits[0]
-        # every generated token is the oracle's argmax given the tokens before it
-        assert torch.equal(logits[len(r) - 1:-1].argmax(-1), seq[len(r):])
-        # and a row generated alone is the same row
-        assert torch.equal(ours.generate(torch.tensor([r]), max_new_tokens=N)[0, len(r):], out[i, ids.size(1):])
-
-
 def test_model_decoding_steps_give_the_full_forward_logits(tmp_path):
     """prefill (each prompt into its own slot, at its own length) + decode_step (a fixed-size cache, every position
     attended under a mask, each slot at its own position) give, at each new token, the logits that a full forward of
@@ -610,7 +726,8 @@ def test_model_decoding_steps_give_the_full_forward_logits(tmp_path):
     prompts = [[5, 9, 1, 33, 7], [4, 90, 2], [17]]
     new = torch.tensor([[3, 8, 11, 60], [12, 12, 5, 1], [40, 2, 9, 9]])  # (B, 4) tokens fed one at a time
     refill, refill_new = [8, 6], [21, 3]  # slot 1's next prompt, prefilled after the 5 steps
-    full = lambda row: ours(torch.tensor([row]))[0]
+    def full(row):
+        return ours(torch.tensor([row]))[0]
     compiled = Qwen2(ours.config).eval()
     compiled.load_state_dict(ours.state_dict())
     compiled.compile_blocks()
@@ -631,9 +748,10 @@ def test_model_decoding_steps_give_the_full_forward_logits(tmp_path):
         for _ in range(3):  # past the cache's end, a slot keeps rewriting its last position, within bounds
             model.decode_step(state, torch.zeros(3, dtype=torch.long))
         assert state.pos.tolist() == [9, 7, 9]
-    # compiled greedy decoding picks, at every step, the eager model's best token (to 1e-4: a near-tie may go either way)
+    # compiled greedy decoding picks, at every step, the eager model's best token (to 1e-4: a near-tie may go either
+    # way)
     ids, mask = _model_left_pad(prompts)
-    gen = compiled.generate(ids, mask, max_new_tokens=6)
+    gen = generate(compiled, ids, mask, max_new_tokens=6)
     logits = ours(gen, torch.cat([mask, torch.ones(3, 6, dtype=mask.dtype)], 1))[:, ids.size(1) - 1:-1]
     chosen = logits.gather(-1, gen[:, ids.size(1):, None])[..., 0]
     assert (chosen >= logits.max(-1).values - 1e-4).all()
@@ -685,12 +803,12 @@ def test_model_masked_attention_repeats_kv_and_equals_enable_gqa():
 
 
 def test_model_compiled_blocks_have_no_graph_break_and_one_graph_per_variant(tmp_path):
-    """Blocks compiled as train.build compiles them (before fully_shard), on a world of one: a student's training
+    """Blocks compiled as parallel.build compiles them (before fully_shard), on a world of one: a student's training
     with and without activation checkpointing, and a frozen teacher of other head counts in a forward, a left-padded
     forward, a prefill and a decode step, each trace into one graph with no break, shared by every layer of its model.
     (Under FSDP, dynamo makes the blocks' int attributes symbolic: enable_gqa computed in forward was a SymBool, and
-    broke the graph at every attention call.) The graphs agree with eager. Handed to the eager backend: dynamo's graphs, guards
-    and breaks are the same whatever backend compiles them, without inductor's minutes of compiling."""
+    broke the graph at every attention call.) The graphs agree with eager. Handed to the eager backend: dynamo's
+    graphs, guards and breaks are the same whatever backend compiles them, without inductor's minutes of compiling."""
     import torch.distributed as dist
     from torch._dynamo.utils import counters
     from torch.distributed.device_mesh import init_device_mesh
@@ -713,8 +831,8 @@ def test_model_compiled_blocks_have_no_graph_break_and_one_graph_per_variant(tmp
         f32 = torch.float32
         torch._dynamo.reset()
         counters.clear()
-        student = train.build(tmp_path / "student", mesh, f32, f32, True, compile="eager")
-        teacher = train.build(tmp_path / "teacher", mesh, f32, f32, False, compile="eager")
+        student = parallel.build(tmp_path / "student", mesh, f32, f32, True, compile="eager")
+        teacher = parallel.build(tmp_path / "teacher", mesh, f32, f32, False, compile="eager")
         for m in (student, teacher):
             load_weights(m, m.name_or_path)
         for checkpointing in (False, True):  # training
@@ -739,161 +857,12 @@ def test_model_compiled_blocks_have_no_graph_break_and_one_graph_per_variant(tmp
         dist.destroy_process_group()
 
 
-def test_model_generation_eos_fill_and_early_stop(tmp_path):
-    ours, _ = _model_pair(tmp_path, "tied-gqa")
-    ids, mask = _model_left_pad([[5, 9, 1, 33], [4, 4, 90], [11, 12]])
-    T, N = ids.size(1), 10
-    free = ours.generate(ids, mask, max_new_tokens=N)
-    eos = int(free[0, T + 2])  # row 0 emits this token third
-    out = ours.generate(ids, mask, max_new_tokens=N, eos_token_id=eos)
-    for row_free, row in zip(free[:, T:], out[:, T:]):
-        hits = (row_free == eos).nonzero()
-        k = int(hits[0]) if len(hits) else N  # first eos of the unconstrained run
-        assert torch.equal(row[:k + 1], row_free[:k + 1])
-        assert (row[k + 1:] == eos).all()
-    # every row ends at once: early stop, full width, eos after; a list of eos ids works too
-    firsts = [int(t) for t in free[:, T]]
-    out = ours.generate(ids, mask, max_new_tokens=N, eos_token_id=[96] + firsts)
-    assert out.shape == (3, T + N)
-    assert torch.equal(out[:, T], free[:, T]) and (out[:, T + 1:] == 96).all()
-    # the returned ids can be trained on (not inference tensors)
-    assert not out.is_inference()
-    ours(out).sum().backward()
-
-
 def test_model_rope_frequencies_are_made_once(tmp_path):
     ours, _ = _model_pair(tmp_path, "tied-gqa")
     rope_inv_freq.cache_clear()
-    ours.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)  # made first under inference mode,
+    generate(ours, torch.tensor([[1, 2, 3]]), max_new_tokens=3)  # made first under inference mode,
     ours(torch.tensor([[1, 2, 3]])).sum().backward()  # then serves training
     assert rope_inv_freq.cache_info().misses == 1  # made once, then reused by every decode step and by training
-
-
-def test_model_sampling(tmp_path):
-    ours, _ = _model_pair(tmp_path, "tied-gqa")
-    ids = torch.tensor([[5, 9, 1, 33], [4, 4, 90, 2]])
-    greedy = ours.generate(ids, max_new_tokens=8)
-    tiny_p = ours.generate(ids, max_new_tokens=8, temperature=1.0, top_p=1e-6)
-    assert torch.equal(tiny_p, greedy)  # the nucleus of a tiny top_p is the argmax alone
-
-    def run(seed):
-        return ours.generate(ids, max_new_tokens=8, temperature=1.5, seed=seed)
-    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
-    # Gumbel-max over counter-based noise draws from softmax(logits / T): n rows of the same logits, one seed each,
-    # against the float64 softmax by a chi-square test (cells expecting 5 or more; 100 is p < 1e-6 at their ~35
-    # degrees of freedom), far from the softmax at another temperature, so that the test can tell
-    n, g = 20000, torch.Generator().manual_seed(3)
-    logits = torch.randn(2, 50, generator=g, dtype=torch.float64) * 2
-    seeds, step0 = torch.tensor([minillm.seed_of(5, i) for i in range(n)]), torch.zeros(n, dtype=torch.long)
-
-    def chi2(drawn, p):
-        counts, expected = torch.bincount(drawn, minlength=50).double(), n * p
-        big = expected >= 5  # the others pooled into one cell
-        counts, expected = (torch.cat([x[big], x[~big].sum()[None]][:1 + bool((~big).any())])
-                            for x in (counts, expected))
-        return ((counts - expected) ** 2 / expected).sum().item()
-    for T in (1.0, 0.7):
-        drawn = sample(logits[0].float().expand(n, -1), T, 1.0, seeds, step0)
-        assert chi2(drawn, torch.softmax(logits[0] / T, -1)) < 100
-        assert chi2(drawn, torch.softmax(logits[0] / (1.5 * T), -1)) > 300
-    # the next step's noise is new: two steps agree as often as two independent draws do, sum of p^2
-    p = torch.softmax(logits[0], -1)
-    same = (sample(logits[0].expand(n, -1), 1.0, 1.0, seeds, step0) == sample(logits[0].expand(n, -1), 1.0, 1.0,
-                                                                                 seeds, step0 + 1)).double().mean()
-    assert abs(same - (p ** 2).sum()) < 5 * ((p ** 2).sum() / n) ** 0.5
-    # top-p keeps the most likely tokens until their mass reaches p; check against a float64 formula
-    p = torch.softmax(logits, -1)
-    for i in range(2):
-        sp, order = p[i].sort(descending=True)
-        nucleus = set(order[:int((sp.cumsum(0) < 0.6).sum()) + 1].tolist())
-        drawn = sample(logits[i:i + 1].float().expand(2000, -1), 1.0, 0.6, seeds[:2000], step0[:2000])
-        assert set(drawn.tolist()) == nucleus
-
-
-def _model_greedy_oracle(hf, prompt, limit, stops):
-    """Greedy decoding by full forwards of transformers' model, one per token, without any cache."""
-    seq = list(prompt)
-    while len(seq) - len(prompt) < limit and (len(seq) == len(prompt) or seq[-1] not in stops):
-        seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt):]
-
-
-def test_model_continuous_batching_equals_static_batching_greedy(tmp_path):
-    """Continuous batching (2 slots, each refilled as its row ends) gives, token for token, the replies of static
-    batching (3 slots filled together), of generate(), and of transformers' model decoding each prompt alone by full
-    forwards. In float64, where the two models agree to ~1e-14, so that no near-tie can flip; in fp32 and bf16 the
-    batched step's rounding depends on the batch, and a reply may differ where two tokens' logits nearly tie."""
-    ours, hf = (m.double() for m in _model_pair(tmp_path, "untied-mqa"))
-    prompts = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15], [3], [70, 71], [8, 1, 2, 3, 4, 5]]
-    limits = [12, 3, 9, 12, 7, 1]
-    free = [_model_greedy_oracle(hf, p, n, ()) for p, n in zip(prompts, limits)]
-    stop = free[0][4]  # a token that ends the first reply early, and perhaps others
-    oracle = {k: _model_greedy_oracle(hf, p, n, (stop,)) for k, (p, n) in enumerate(zip(prompts, limits))}
-    assert len(oracle[0]) == 5 and oracle[0] != free[0]  # the stop id ended a reply
-
-    def replies(slots, refill, every=16):
-        decoder = Decoder([ours], slots, 8 + 12, [stop], every=every)
-        ended = [(k, tokens) for k, tokens, _ in decoder.run(((k, p, n, 0) for k, (p, n) in
-                                                              enumerate(zip(prompts, limits))), refill)]
-        assert decoder.live_steps == sum(map(len, oracle.values()))  # one live step per reply token
-        return dict(ended), [k for k, _ in ended], decoder.utilization
-    continuous, order, used = replies(2, True, every=4)  # the host looks every 4 steps: rows end out of order
-    static, _, used_static = replies(3, False)
-    assert continuous == static == oracle
-    assert order[:2] == [1, 0] and used > used_static  # reply 1 ended first, and its slot took prompt 2
-    ids, mask = _model_left_pad(prompts)
-    out = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=stop)
-    for k, reply in oracle.items():
-        assert out[k, ids.size(1):ids.size(1) + len(reply)].tolist() == reply
-    with pytest.raises(ValueError, match="a prompt of 3 tokens and 4 new ones do not fit the cache's 5 positions"):
-        list(Decoder([ours], 1, 5).run([(0, [1, 2, 3], 4, 0)]))
-
-
-def test_model_sampled_replies_do_not_depend_on_slot_batch_or_other_prompts(tmp_path):
-    """A prompt's sampled reply depends on its seed alone: not on its slot, the number of slots, the other prompts or
-    their order (float64: no near-tie can flip). Another seed gives another reply, and none is the greedy one."""
-    ours = _model_pair(tmp_path, "tied-gqa")[0].double()
-    prompts = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15], [3], [70, 71], [8, 1, 2, 3, 4, 5],
-               [60, 61, 62], [9]]
-
-    def replies(keys, slots, seed=7, temperature=1.0):
-        decoder = Decoder([ours], slots, 8 + 10, [96], temperature, top_p=0.9)
-        return {k: tokens for k, tokens, _ in decoder.run((k, prompts[k], 10, minillm.seed_of(seed, k)) for k in keys)}
-    alone = replies([0, 1, 2, 3, 4, 5], 2)
-    assert {k: v for k, v in replies([5, 3, 0, 7, 1, 4, 2, 6], 4).items() if k in alone} == alone
-    assert replies([2], 1) == {2: alone[2]}
-    other, greedy = replies(range(6), 3, seed=8), replies(range(6), 3, temperature=0.0)
-    assert all(other[k] != alone[k] and greedy[k] != alone[k] for k in alone)
-
-
-def test_model_decoder_counts_utilization_honestly():
-    """Decoder.run's own count, over bench.py's stand-in that ends each row at its limit. Static batching: the sum of
-    the lengths over slots x each batch's longest. Continuous batching, worked by hand (2 slots, a look every 16
-    steps): rows of 5 and 40 run 16 steps, the first idle after its 5th until the host sees it end; its slot takes
-    the row of 17, which runs 16 and then 1 step of the last 8, when the row of 40 ends: 62 live of 2 x 40."""
-    from bench import _Scheduled
-    lengths = [5, 40, 17, 3, 33, 16, 1, 70]
-    static = _Scheduled(3)
-    assert [k for k, _, _ in static.run(((k, [0], n, 0) for k, n in enumerate(lengths)), refill=False)] == \
-        [0, 2, 1, 3, 5, 4, 6, 7]
-    assert static.utilization == sum(lengths) / (3 * (40 + 33 + 70))
-    continuous = _Scheduled(2)
-    assert [k for k, _, _ in continuous.run((k, [0], n, 0) for k, n in enumerate(lengths[:3]))] == [0, 2, 1]
-    assert (continuous.live_steps, continuous.slot_steps) == (62, 80)
-
-
-def test_model_decoding_syncs_once_per_16_steps(tmp_path):
-    """The host waits for the device once per 16 decode steps, one .tolist() of the steps' records (plus a last,
-    shorter look at the end), sampling with top-p included: the count a GPU would see."""
-    from bench import HostSyncs
-    ours = _model_pair(tmp_path, "tied-gqa")[0]
-    prompts = [[5, 9, 1, 33], [4, 4, 90], [11, 12], [3], [70, 71, 72, 73, 74], [8, 1]]
-    decoder = Decoder([ours], 3, 5 + 40, temperature=1.0, top_p=0.9)
-    with torch.inference_mode(), HostSyncs() as syncs:
-        replies = list(decoder.run((k, p, 20 + 4 * k, k) for k, p in enumerate(prompts)))
-    steps = decoder.slot_steps // 3
-    assert len(replies) == 6 and steps >= 40
-    assert set(syncs.counts) == {".tolist()"} and syncs.total <= steps // 16 + 1, (syncs.counts, steps)
 
 
 def _model_tokenizer_files(folder):
@@ -1169,6 +1138,176 @@ def test_model_load_weights_into_fsdp2_shards(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# generate.py: decoding many prompts, against transformers and against static batching
+
+@pytest.mark.parametrize("name", ["tied-gqa", "untied-mqa"])
+def test_generate_greedy_follows_oracle_argmax(tmp_path, name):
+    # in float64, where the two models agree to ~1e-14: a near-tie between two tokens cannot flip on another CPU
+    ours, hf = (m.double() for m in _model_pair(tmp_path, name))
+    rows = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15]]
+    ids, mask = _model_left_pad(rows)
+    N = 12
+    out = generate(ours, ids, mask, max_new_tokens=N)
+    assert out.shape == (3, ids.size(1) + N) and torch.equal(out[:, :ids.size(1)], ids)
+    for i, r in enumerate(rows):
+        seq = torch.cat([torch.tensor(r), out[i, ids.size(1):]])
+        logits = hf(seq[None]).logits[0]
+        # every generated token is the oracle's argmax given the tokens before it
+        assert torch.equal(logits[len(r) - 1:-1].argmax(-1), seq[len(r):])
+        # and a row generated alone is the same row
+        assert torch.equal(generate(ours, torch.tensor([r]), max_new_tokens=N)[0, len(r):], out[i, ids.size(1):])
+
+
+def test_generate_eos_fill_and_early_stop(tmp_path):
+    ours, _ = _model_pair(tmp_path, "tied-gqa")
+    ids, mask = _model_left_pad([[5, 9, 1, 33], [4, 4, 90], [11, 12]])
+    T, N = ids.size(1), 10
+    free = generate(ours, ids, mask, max_new_tokens=N)
+    eos = int(free[0, T + 2])  # row 0 emits this token third
+    out = generate(ours, ids, mask, max_new_tokens=N, eos_token_id=eos)
+    for row_free, row in zip(free[:, T:], out[:, T:]):
+        hits = (row_free == eos).nonzero()
+        k = int(hits[0]) if len(hits) else N  # first eos of the unconstrained run
+        assert torch.equal(row[:k + 1], row_free[:k + 1])
+        assert (row[k + 1:] == eos).all()
+    # every row ends at once: early stop, full width, eos after; a list of eos ids works too
+    firsts = [int(t) for t in free[:, T]]
+    out = generate(ours, ids, mask, max_new_tokens=N, eos_token_id=[96] + firsts)
+    assert out.shape == (3, T + N)
+    assert torch.equal(out[:, T], free[:, T]) and (out[:, T + 1:] == 96).all()
+    # the returned ids can be trained on (not inference tensors)
+    assert not out.is_inference()
+    ours(out).sum().backward()
+
+
+def test_generate_sampling(tmp_path):
+    ours, _ = _model_pair(tmp_path, "tied-gqa")
+    ids = torch.tensor([[5, 9, 1, 33], [4, 4, 90, 2]])
+    greedy = generate(ours, ids, max_new_tokens=8)
+    tiny_p = generate(ours, ids, max_new_tokens=8, temperature=1.0, top_p=1e-6)
+    assert torch.equal(tiny_p, greedy)  # the nucleus of a tiny top_p is the argmax alone
+
+    def run(seed):
+        return generate(ours, ids, max_new_tokens=8, temperature=1.5, seed=seed)
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    # Gumbel-max over counter-based noise draws from softmax(logits / T): n rows of the same logits, one seed each,
+    # against the float64 softmax by a chi-square test (cells expecting 5 or more; 100 is p < 1e-6 at their ~35
+    # degrees of freedom), far from the softmax at another temperature, so that the test can tell
+    n, g = 20000, torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 50, generator=g, dtype=torch.float64) * 2
+    seeds, step0 = torch.tensor([seed_of(5, i) for i in range(n)]), torch.zeros(n, dtype=torch.long)
+
+    def chi2(drawn, p):
+        counts, expected = torch.bincount(drawn, minlength=50).double(), n * p
+        big = expected >= 5  # the others pooled into one cell
+        counts, expected = (torch.cat([x[big], x[~big].sum()[None]][:1 + bool((~big).any())])
+                            for x in (counts, expected))
+        return ((counts - expected) ** 2 / expected).sum().item()
+    for T in (1.0, 0.7):
+        drawn = sample(logits[0].float().expand(n, -1), T, 1.0, seeds, step0)
+        assert chi2(drawn, torch.softmax(logits[0] / T, -1)) < 100
+        assert chi2(drawn, torch.softmax(logits[0] / (1.5 * T), -1)) > 300
+    # the next step's noise is new: two steps agree as often as two independent draws do, sum of p^2
+    p = torch.softmax(logits[0], -1)
+    same = (sample(logits[0].expand(n, -1), 1.0, 1.0, seeds, step0) == sample(logits[0].expand(n, -1), 1.0, 1.0,
+                                                                                 seeds, step0 + 1)).double().mean()
+    assert abs(same - (p ** 2).sum()) < 5 * ((p ** 2).sum() / n) ** 0.5
+    # top-p keeps the most likely tokens until their mass reaches p; check against a float64 formula
+    p = torch.softmax(logits, -1)
+    for i in range(2):
+        sp, order = p[i].sort(descending=True)
+        nucleus = set(order[:int((sp.cumsum(0) < 0.6).sum()) + 1].tolist())
+        drawn = sample(logits[i:i + 1].float().expand(2000, -1), 1.0, 0.6, seeds[:2000], step0[:2000])
+        assert set(drawn.tolist()) == nucleus
+
+
+def _generate_greedy_oracle(hf, prompt, limit, stops):
+    """Greedy decoding by full forwards of transformers' model, one per token, without any cache."""
+    seq = list(prompt)
+    while len(seq) - len(prompt) < limit and (len(seq) == len(prompt) or seq[-1] not in stops):
+        seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_generate_continuous_batching_equals_static_batching_greedy(tmp_path):
+    """Continuous batching (2 slots, each refilled as its row ends) gives, token for token, the replies of static
+    batching (3 slots filled together), of generate(), and of transformers' model decoding each prompt alone by full
+    forwards. In float64, where the two models agree to ~1e-14, so that no near-tie can flip; in fp32 and bf16 the
+    batched step's rounding depends on the batch, and a reply may differ where two tokens' logits nearly tie."""
+    ours, hf = (m.double() for m in _model_pair(tmp_path, "untied-mqa"))
+    prompts = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15], [3], [70, 71], [8, 1, 2, 3, 4, 5]]
+    limits = [12, 3, 9, 12, 7, 1]
+    free = [_generate_greedy_oracle(hf, p, n, ()) for p, n in zip(prompts, limits)]
+    stop = free[0][4]  # a token that ends the first reply early, and perhaps others
+    oracle = {k: _generate_greedy_oracle(hf, p, n, (stop,)) for k, (p, n) in enumerate(zip(prompts, limits))}
+    assert len(oracle[0]) == 5 and oracle[0] != free[0]  # the stop id ended a reply
+
+    def replies(slots, refill, every=16):
+        decoder = Decoder([ours], slots, 8 + 12, [stop], every=every)
+        ended = [(k, tokens) for k, tokens, _ in decoder.run(((k, p, n, 0) for k, (p, n) in
+                                                              enumerate(zip(prompts, limits))), refill)]
+        assert decoder.live_steps == sum(map(len, oracle.values()))  # one live step per reply token
+        return dict(ended), [k for k, _ in ended], decoder.utilization
+    continuous, order, used = replies(2, True, every=4)  # the host looks every 4 steps: rows end out of order
+    static, _, used_static = replies(3, False)
+    assert continuous == static == oracle
+    assert order[:2] == [1, 0] and used > used_static  # reply 1 ended first, and its slot took prompt 2
+    ids, mask = _model_left_pad(prompts)
+    out = generate(ours, ids, mask, max_new_tokens=12, eos_token_id=stop)
+    for k, reply in oracle.items():
+        assert out[k, ids.size(1):ids.size(1) + len(reply)].tolist() == reply
+    with pytest.raises(ValueError, match="a prompt of 3 tokens and 4 new ones do not fit the cache's 5 positions"):
+        list(Decoder([ours], 1, 5).run([(0, [1, 2, 3], 4, 0)]))
+
+
+def test_generate_sampled_replies_do_not_depend_on_slot_batch_or_other_prompts(tmp_path):
+    """A prompt's sampled reply depends on its seed alone: not on its slot, the number of slots, the other prompts or
+    their order (float64: no near-tie can flip). Another seed gives another reply, and none is the greedy one."""
+    ours = _model_pair(tmp_path, "tied-gqa")[0].double()
+    prompts = [[5, 9, 1, 33, 7, 60, 2, 8], [4, 4, 90], [11, 12, 13, 14, 15], [3], [70, 71], [8, 1, 2, 3, 4, 5],
+               [60, 61, 62], [9]]
+
+    def replies(keys, slots, seed=7, temperature=1.0):
+        decoder = Decoder([ours], slots, 8 + 10, [96], temperature, top_p=0.9)
+        return {k: tokens for k, tokens, _ in decoder.run((k, prompts[k], 10, seed_of(seed, k)) for k in keys)}
+    alone = replies([0, 1, 2, 3, 4, 5], 2)
+    assert {k: v for k, v in replies([5, 3, 0, 7, 1, 4, 2, 6], 4).items() if k in alone} == alone
+    assert replies([2], 1) == {2: alone[2]}
+    other, greedy = replies(range(6), 3, seed=8), replies(range(6), 3, temperature=0.0)
+    assert all(other[k] != alone[k] and greedy[k] != alone[k] for k in alone)
+
+
+def test_generate_decoder_counts_utilization_honestly():
+    """Decoder.run's own count, over bench_model.py's stand-in that ends each row at its limit. Static batching: the
+    sum of the lengths over slots x each batch's longest. Continuous batching, worked by hand (2 slots, a look every 16
+    steps): rows of 5 and 40 run 16 steps, the first idle after its 5th until the host sees it end; its slot takes
+    the row of 17, which runs 16 and then 1 step of the last 8, when the row of 40 ends: 62 live of 2 x 40."""
+    from bench_model import _Scheduled
+    lengths = [5, 40, 17, 3, 33, 16, 1, 70]
+    static = _Scheduled(3)
+    assert [k for k, _, _ in static.run(((k, [0], n, 0) for k, n in enumerate(lengths)), refill=False)] == \
+        [0, 2, 1, 3, 5, 4, 6, 7]
+    assert static.utilization == sum(lengths) / (3 * (40 + 33 + 70))
+    continuous = _Scheduled(2)
+    assert [k for k, _, _ in continuous.run((k, [0], n, 0) for k, n in enumerate(lengths[:3]))] == [0, 2, 1]
+    assert (continuous.live_steps, continuous.slot_steps) == (62, 80)
+
+
+def test_generate_decoding_syncs_once_per_16_steps(tmp_path):
+    """The host waits for the device once per 16 decode steps, one .tolist() of the steps' records (plus a last,
+    shorter look at the end), sampling with top-p included: the count a GPU would see."""
+    from measure import HostSyncs
+    ours = _model_pair(tmp_path, "tied-gqa")[0]
+    prompts = [[5, 9, 1, 33], [4, 4, 90], [11, 12], [3], [70, 71, 72, 73, 74], [8, 1]]
+    decoder = Decoder([ours], 3, 5 + 40, temperature=1.0, top_p=0.9)
+    with torch.inference_mode(), HostSyncs() as syncs:
+        replies = list(decoder.run((k, p, 20 + 4 * k, k) for k, p in enumerate(prompts)))
+    steps = decoder.slot_steps // 3
+    assert len(replies) == 6 and steps >= 40
+    assert set(syncs.counts) == {".tolist()"} and syncs.total <= steps // 16 + 1, (syncs.counts, steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # data.py: chat template, masks, sources, batches; toy.py: the toy's data
 
 
@@ -1227,7 +1366,7 @@ _DATA_QWEN_TEMPLATE = """{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501 (Qwen's template, verbatim)
 
 
 def _data_u(role, content):
@@ -1366,7 +1505,8 @@ def test_data_known_qwen_ids_and_mask_positions(_data_qwen_layout):
     assert tok.encode("<|im_start|>assistant\n", add_special_tokens=False).ids == [151644, 77091, 198]
     assert tok.encode("<|im_end|>\n", add_special_tokens=False).ids == [151645, 198]
     assert tok.encode("\n\n", add_special_tokens=False).ids == [271]
-    ids = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    def ids(s):
+        return tok.encode(s, add_special_tokens=False).ids
     ex = data.encode_chat([_data_u("user", "hi"), _data_u("assistant", "Yo")], tok)
     tail = [151644, 77091, 198] + ids("Yo") + [151645, 198]
     assert ex["input_ids"][-len(tail):] == tail
@@ -1401,12 +1541,13 @@ def test_data_masks_by_decoding(_data_toy):
     assert data.render_chat(_DATA_CONVERSATIONS["system"]).startswith("<|im_start|>system\nYou are a terse")
 
 
-def test_data_encode_text_and_truncation(_data_toy):
+def test_data_plain_text_and_truncation(_data_toy):
     tok = _data_toy[1]
     eot = tok.token_to_id("<|endoftext|>")
-    ex = data.encode_text("3 + 4 = 7.", tok)
-    assert ex["input_ids"][-1] == eot and ex["labels"] == ex["input_ids"]
-    assert data.encode_text("3 + 4 = 7.", tok, max_len=3)["input_ids"] == ex["input_ids"][:3]
+    ex, = data.build_examples([{"id": "t", "text": "3 + 4 = 7."}], tok)
+    assert ex["input_ids"][-1] == eot and list(ex["labels"]) == list(ex["input_ids"])
+    cut, = data.build_examples([{"id": "t", "text": "3 + 4 = 7."}], tok, max_len=3)
+    assert list(cut["input_ids"]) == list(ex["input_ids"][:3])
     messages = _DATA_CONVERSATIONS["multi"]
     full = data.encode_chat(messages, tok)
     for k in (5, 40, len(full["input_ids"]) - 1, len(full["input_ids"]) + 10):
@@ -1518,7 +1659,8 @@ def test_data_parquet_json_and_folders(tmp_path):
     assert len(data.load_rows(tmp_path / "ultra")) == 9
     assert len(data.load_rows(tmp_path / "ultra", split="train_sft", max_rows=4)) == 4
     # a row range, across shards, counted in good rows: a held-out slice of a dataset that has no test split
-    ranged = lambda split, **kw: [r["messages"][1]["content"] for r in data.load_rows(tmp_path / "ultra", split, **kw)]
+    def ranged(split, **kw):
+        return [r["messages"][1]["content"] for r in data.load_rows(tmp_path / "ultra", split, **kw)]
     assert ranged("train_sft[1:4]") == ["a1", "a2", "a3"]
     assert ranged("train_sft[2:]", max_rows=2) == ["a2", "a3"]
     assert ranged("train_sft[:2]", max_rows=5) == ["a0", "a1"]
@@ -1551,7 +1693,8 @@ def _data_repeated_problems(n_problems=400, per_problem=5, seed=0):
 
 def test_data_holdout_splits_by_problem_and_keeps_each_test_problem_once(tmp_path, capsys):
     pq.write_table(_data_repeated_problems(), tmp_path / "cot-00000-of-00001.parquet")
-    problem = lambda r: r["messages"][0]["content"]
+    def problem(r):
+        return r["messages"][0]["content"]
     every = data.load_rows(tmp_path, split="cot")
     train = data.load_rows(tmp_path, split="cot", holdout="train")
     test = data.load_rows(tmp_path, split="cot", holdout="test")
@@ -2143,19 +2286,23 @@ def _train_world(tmp_path_factory):
     student = dict(vocab_size=632, hidden_size=32, intermediate_size=64, num_key_value_heads=1,
                    tie_word_embeddings=True)
     return {"root": root, "data": root / "data" / "train.jsonl", "chats8": root / "chats8.jsonl",
-            "teacher": _train_tiny_model(root / "teacher", root / "data", 1, initializer_range=0.06, **teacher),
-            "teacher_raw": _train_tiny_model(root / "teacher-raw", root / "data", 2, **teacher),
-            "student": _train_tiny_model(root / "student", root / "data", 3, **student)}
+            "t_ft": _train_tiny_model(root / "teacher", root / "data", 1, initializer_range=0.06, **teacher),
+            "t_raw": _train_tiny_model(root / "teacher-raw", root / "data", 2, **teacher),
+            "s_raw": _train_tiny_model(root / "student", root / "data", 3, **student)}
 
 
-def _train_run(world, out, *args, nproc=1, loss="deltakd", check=True):
-    kd = [] if loss == "sft" else ["--teacher", str(world["teacher"]), "--teacher-raw", str(world["teacher_raw"])]
-    script = [str(REPO / "train.py"), "--model", str(world["student"]), *kd,
+def _train_run(world, out, *args, nproc=1, loss="deltakd", check=True, teachers=True, popen=False):
+    kd = [] if loss == "sft" or not teachers else ["--teacher", str(world["t_ft"]), "--teacher-raw",
+                                                   str(world["t_raw"])]
+    script = [str(REPO / "train.py"), "--model", str(world["s_raw"]), *kd,
               "--loss", loss, "--data", str(world["data"]), "--out", str(out), "--max-len", "128", "--lr", "3e-3",
               "--log-every", "1", *args]
     launcher = [sys.executable] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(launcher + script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
     result = subprocess.run(launcher + script, capture_output=True, text=True, env=env, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -2170,7 +2317,7 @@ def _train_weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-_TRAIN_FROZEN = ("teacher", "teacher_raw", "student_raw")  # the order of delta_kd_loss's frozen arguments
+_TRAIN_FROZEN = ("t_ft", "t_raw", "s_raw")  # the order of delta_kd_loss's frozen arguments
 _TRAIN_RTOL = 1e-5  # train.py's fp32 step against float64: about 1e-7 apart where we ran it
 
 
@@ -2190,7 +2337,7 @@ def _train_oracle(world, alpha=1.0, T=1.0, lam=0.5, divergence="fkl", student=No
             model.load_state_dict({k: v.double() for k, v in state.items()})
         return model
 
-    tok = data.load_tokenizer(world["student"])
+    tok = data.load_tokenizer(world["s_raw"])
     V = tok.get_vocab_size(with_added_tokens=True)
     rows = data.load_rows(world["chats8"])
     if on_policy:  # the prompt as evaluate.py writes it, and the one position that predicts the reply's token
@@ -2207,29 +2354,26 @@ def _train_oracle(world, alpha=1.0, T=1.0, lam=0.5, divergence="fkl", student=No
         return torch.cat(out)
 
     with torch.no_grad():
-        frozen = {"teacher": counted(load("teacher")), "teacher_raw": counted(load("teacher_raw")),
-                  "student_raw": counted(load("student"))}
-    model = load("student", student)
+        frozen = {"t_ft": counted(load("t_ft")), "t_raw": counted(load("t_raw")), "s_raw": counted(load("s_raw"))}
+    model = load("s_raw", student)
     s = counted(model)
-    log_pi = lambda x: torch.log_softmax(x / T, -1)
+    y = torch.zeros(len(s), dtype=torch.long) if on_policy else torch.cat([y[y != -100] for _, y in seqs])
 
-    def kd(t, t_raw, s_raw):
-        log_p, log_q = torch.log_softmax(log_pi(t) + alpha * (log_pi(s_raw) - log_pi(t_raw)), -1), log_pi(s)
-        kl = log_p.exp() * (log_p - log_q) if divergence == "fkl" else log_q.exp() * (log_q - log_p)
-        return T * T * kl.sum(-1).mean()
+    def kd(t, t_raw, s_raw):  # T^2 KL: the reference at lam = 0, in float64
+        return delta_kd_loss_reference(s, y, t, t_raw, s_raw, alpha, T, lam=0.0, divergence=divergence)
 
     out = {"kd": kd(*(frozen[k] for k in _TRAIN_FROZEN))}
     if on_policy:
         out["loss"] = (1 - lam) * out["kd"]
     else:
-        out["sft"] = F.cross_entropy(s, torch.cat([labels[labels != -100] for _, labels in seqs]))
+        out["sft"] = delta_kd_loss_reference(s, y, lam=1.0)
         out["loss"] = lam * out["sft"] + (1 - lam) * out["kd"]
     out["loss"].backward()
     out = {k: v.item() for k, v in out.items()}
     out["grad_norm"] = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     with torch.no_grad():
         out["wirings"] = {order: kd(*(frozen[k] for k in order)).item() for order in
-                          [*itertools.permutations(_TRAIN_FROZEN), ("teacher", "student_raw", "student_raw")]}
+                          [*itertools.permutations(_TRAIN_FROZEN), ("t_ft", "s_raw", "s_raw")]}
     return out
 
 
@@ -2264,13 +2408,13 @@ def test_train_every_loss_under_torchrun(_train_world, tmp_path, loss):
     assert (records[0]["kd"] == 0) == (loss == "sft")
     if loss != "sft":  # the test can tell: a wrong model in any slot that counts gives another value
         wrong = [v for order, v in first["wirings"].items()
-                 if (order != _TRAIN_FROZEN if loss == "deltakd" else order[0] != "teacher")]
+                 if (order != _TRAIN_FROZEN if loss == "deltakd" else order[0] != "t_ft")]
         assert all(abs(v - first["kd"]) > 0.01 * first["kd"] for v in wrong), first["wirings"]
     second = _train_oracle(_train_world, **how, student=_train_checkpoint_weights(out / "checkpoints" / "step-1"))
     _train_check_step(records[1], second, keys)
     # the export loads in our model and is what the last checkpoint holds, in HF format
     final = Qwen2.from_pretrained(out / "final", dtype=torch.float32)
-    before = _train_weights(_train_world["student"])
+    before = _train_weights(_train_world["s_raw"])
     after = _train_weights(out / "final")
     assert after.keys() == before.keys() and "lm_head.weight" not in after  # tied: stored once
     assert max((after[k] - before[k]).abs().max().item() for k in after) > 1e-4
@@ -2293,7 +2437,7 @@ def test_train_sft_loss_decreases_and_a_text_export_keeps_its_eos(_train_world, 
     losses = [r["loss"] for r in _train_metrics(out)]
     assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4, losses  # about 0.4 where we ran it
     config = json.loads((out / "final" / "config.json").read_text())
-    assert config["eos_token_id"] == json.loads((_train_world["student"] / "config.json").read_text())["eos_token_id"]
+    assert config["eos_token_id"] == json.loads((_train_world["s_raw"] / "config.json").read_text())["eos_token_id"]
     assert not (out / "final" / "generation_config.json").exists()
 
 
@@ -2309,7 +2453,7 @@ def test_train_same_update_for_any_world_size_and_micro_batch(_train_world, tmp_
     for run in ("one", "two"):
         _train_check_step(_train_metrics(tmp_path / run)[0], oracle)
     one, two = _train_weights(tmp_path / "one" / "final"), _train_weights(tmp_path / "two" / "final")
-    start = _train_weights(_train_world["student"])
+    start = _train_weights(_train_world["s_raw"])
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # the steps did move the weights
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     zero = _train_weights(tmp_path / "zero" / "final")
@@ -2349,7 +2493,7 @@ def test_train_deltakd_with_the_teacher_as_its_own_raw_teacher_has_no_kd_term_at
     fp32 rounding. Its log-ratio cancels to about 1e-6 per entry, and KL is second order in that (about 1e-9 here);
     a frozen model in the wrong slot gives 0.02 or more. The gradient is then the SFT term's alone."""
     out = tmp_path / "run"
-    same = {**_train_world, "teacher_raw": _train_world["teacher"]}
+    same = {**_train_world, "t_raw": _train_world["t_ft"]}
     _train_run(same, out, "--data", str(_train_world["chats8"]), "--batch-size", "8", "--micro-batch-size", "4",
                "--max-steps", "1")
     step = _train_metrics(out)[0]
@@ -2359,20 +2503,21 @@ def test_train_deltakd_with_the_teacher_as_its_own_raw_teacher_has_no_kd_term_at
 
 @pytest.mark.parametrize("method", ["sft", "fkl", "rkl", "deltakd", "deltakd-on-policy", "minillm"])
 def test_train_step_makes_the_host_wait_once(_train_world, tmp_path, method):
-    """Outside log steps, an optimizer step of every loss has one host sync, the finite check: bench.py's HostSyncs
+    """Outside log steps, an optimizer step of every loss has one host sync, reading the finite check and the SIGTERM
+    flag together: measure.py's HostSyncs
     counts them over train.py's own loop, run in this process, with several micro-batches per step. The rollouts'
     sampling is left out (decoding has its own count); MiniLLM's third step starts a new rollout phase."""
-    from bench import train_step_syncs
+    from measure import train_step_syncs
     loss, extra = {"deltakd-on-policy": ("deltakd", ["--on-policy", "1", "--max-new-tokens", "8"]),
                    "minillm": ("minillm", [*_TRAIN_MINILLM, "--ppo-epochs", "2", "--max-new-tokens", "8"])}.get(
         method, (method, []))
-    kd = [] if loss == "sft" else ["--teacher", str(_train_world["teacher"]), "--teacher-raw",
-                                   str(_train_world["teacher_raw"])]
-    argv = ["--model", str(_train_world["student"]), *kd, "--loss", loss, "--data", str(_train_world["data"]),
+    kd = [] if loss == "sft" else ["--teacher", str(_train_world["t_ft"]), "--teacher-raw",
+                                   str(_train_world["t_raw"])]
+    argv = ["--model", str(_train_world["s_raw"]), *kd, "--loss", loss, "--data", str(_train_world["data"]),
             "--out", str(tmp_path / "run"), "--max-len", "128", "--batch-size", "8", "--micro-batch-size", "2",
             *extra, "--max-steps", "4", "--log-every", "100", "--save-every", "100"]
     steps = train_step_syncs(argv)
-    assert steps == [{".item() / bool() / int() / float()": 1}] * 3, steps
+    assert steps == [{".tolist()": 1}] * 3, steps
 
 
 def test_train_minillm_same_update_for_any_world_size_and_exact_resume(_train_world, tmp_path):
@@ -2386,7 +2531,7 @@ def test_train_minillm_same_update_for_any_world_size_and_exact_resume(_train_wo
     (first_one, *_), (first_two, *_) = _train_metrics(tmp_path / "one"), _train_metrics(tmp_path / "two")
     assert first_two["grad_norm"] == pytest.approx(first_one["grad_norm"], rel=1e-5)
     one, two = _train_weights(tmp_path / "one" / "final"), _train_weights(tmp_path / "two" / "final")
-    start = _train_weights(_train_world["student"])
+    start = _train_weights(_train_world["s_raw"])
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-4  # the steps did move the weights
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
     shutil.rmtree(tmp_path / "one" / "final")
@@ -2475,28 +2620,28 @@ def _train_expect_exit(argv, message):
 
 def test_train_bad_arguments_are_refused_before_loading(_train_world, tmp_path):
     w = {k: str(v) for k, v in _train_world.items()}
-    base = ["--model", w["student"], "--data", w["data"], "--out", str(tmp_path / "x")]
+    base = ["--model", w["s_raw"], "--data", w["data"], "--out", str(tmp_path / "x")]
     _train_expect_exit(base + ["--loss", "fkl"], "--loss fkl needs --teacher")
-    _train_expect_exit(base + ["--loss", "deltakd", "--teacher", w["teacher"]], "needs --teacher-raw")
+    _train_expect_exit(base + ["--loss", "deltakd", "--teacher", w["t_ft"]], "needs --teacher-raw")
     _train_expect_exit(base + ["--loss", "sft", "--on-policy", "0.5"], "--on-policy 0.5: a fraction in [0, 1], for")
-    _train_expect_exit(base + ["--loss", "minillm", "--teacher", w["teacher"], "--num-rollouts", "12",
+    _train_expect_exit(base + ["--loss", "minillm", "--teacher", w["t_ft"], "--num-rollouts", "12",
                                "--batch-size", "8"], "--num-rollouts (12) a multiple of --batch-size (8)")
-    _train_expect_exit(base + ["--loss", "minillm", "--teacher", w["teacher"], "--mix", "1"], "--mix 1.0 must lie in")
+    _train_expect_exit(base + ["--loss", "minillm", "--teacher", w["t_ft"], "--mix", "1"], "--mix 1.0 must lie in")
     _train_expect_exit(base + ["--loss", "sft", "--micro-batch-size", "0"], "must be at least 1")
     truncated = tmp_path / "truncated"  # a download cut short: named in one line, before any data is read
-    shutil.copytree(w["teacher"], truncated)
+    shutil.copytree(w["t_ft"], truncated)
     raw = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(raw[:len(raw) // 2])
     _train_expect_exit(base + ["--loss", "fkl", "--teacher", str(truncated)],
                        f"error: --teacher: {truncated / 'model.safetensors'} is truncated or corrupt")
-    _train_expect_exit(["--model", w["student"], "--data", str(tmp_path / "nope.jsonl"), "--out", "x", "--loss", "sft"],
+    _train_expect_exit(["--model", w["s_raw"], "--data", str(tmp_path / "nope.jsonl"), "--out", "x", "--loss", "sft"],
                        f"error: --data: {tmp_path / 'nope.jsonl'}: no such file or folder")
     _train_expect_exit(["--model", str(tmp_path / "missing"), "--data", w["data"], "--out", "x", "--loss", "sft"],
                        f"error: --model: {tmp_path / 'missing'} is neither a model folder nor a Hub id")
-    _train_expect_exit(base + ["--loss", "fkl", "--random-init", "--teacher", w["teacher"]], "--random-init")
+    _train_expect_exit(base + ["--loss", "fkl", "--random-init", "--teacher", w["t_ft"]], "--random-init")
     # a teacher whose tokenizer differs: KD would compare different ids
     other = tmp_path / "other-teacher"
-    shutil.copytree(w["teacher"], other)
+    shutil.copytree(w["t_ft"], other)
     tok = json.loads((other / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
     first, second = sorted(vocab, key=vocab.get)[:2]
@@ -2507,7 +2652,182 @@ def test_train_bad_arguments_are_refused_before_loading(_train_world, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# bench.py memory: the fake-tensor estimate of a step's peak, against real tensors
+# targets.py: decoupled inference. The cache at k = all against the online loss, the tail bucket, resume, SIGTERM
+
+def _targets_make(world, out, *args, nproc=1, alpha="0.5", check=True, timeout=300, popen=False):
+    """targets.py on _train_world's models and data, as train.py's runs there read them (--max-len 128)."""
+    models = ["--teacher", str(world["t_ft"])] + (["--model", str(world["s_raw"]), "--teacher-raw",
+                                                      str(world["t_raw"])] if alpha != "0" else [])
+    script = [str(REPO / "targets.py"), *models, "--alpha", alpha, "--data", str(world["data"]), "--max-len", "128",
+              "--out", str(out), "--micro-batch-size", "3", *args]
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(launcher + script, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+    result = subprocess.run(launcher + script, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"targets.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def _targets_caches(_train_world):
+    """Exact caches (k >= the vocabulary) of pi* for Delta-KD at alpha 0.5, made on two processes in shards of 7
+    examples (so that the processes' rounds are uneven), and for FKL (alpha 0), on one process."""
+    root = _train_world["root"]
+    _targets_make(_train_world, root / "cache-deltakd", "--top-k", "100000", "--shard-size", "7", nproc=2)
+    _targets_make(_train_world, root / "cache-fkl", "--top-k", "100000", alpha="0")
+    return {"deltakd": root / "cache-deltakd", "fkl": root / "cache-fkl"}
+
+
+def _targets_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("loss", ["deltakd", "fkl"])
+def test_targets_training_from_an_exact_cache_is_online_training(_train_world, _targets_caches, tmp_path, loss):
+    """At k = all, a student trained from the cache, on one process and on two (another micro-batch size, so the
+    cache is read in another layout), has the online student's loss, parts and gradient norm at every one of 10
+    steps, and its weights after them. The online run builds the frozen models; the cached runs have none."""
+    steps = ["--max-steps", "10", "--batch-size", "8", "--micro-batch-size", "2", "--alpha",
+             "0.5" if loss == "deltakd" else "0"]
+    _train_run(_train_world, tmp_path / "online", *steps, loss=loss)
+    cached = ["--targets", str(_targets_caches[loss]), "--max-steps", "10", "--batch-size", "8"]
+    for name, nproc, micro in (("one", 1, "2"), ("two", 2, "4")):
+        run = _train_run(_train_world, tmp_path / name, *cached, "--micro-batch-size", micro, nproc=nproc, loss=loss,
+                         teachers=False)
+        assert re.search(r'"parameters": \{\s*"student": \d+\s*\}', run.stdout)  # the student alone is built
+        for online, mine in zip(_train_metrics(tmp_path / "online"), _train_metrics(tmp_path / name), strict=True):
+            for k in ("loss", "sft", "kd", "grad_norm"):
+                assert mine[k] == pytest.approx(online[k], rel=1e-5, abs=1e-9), (name, k, mine, online)
+        want, got = _train_weights(tmp_path / "online" / "final"), _train_weights(tmp_path / name / "final")
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_targets_cache_holds_pi_star_and_its_top_k(_train_world, _targets_caches, tmp_path):
+    """The shards hold, for each example found by its content, pi* at its supervised positions as deltakd computes
+    it from the models' logits in float64 (fp32 rounding apart); a top-k cache keeps those entries' k largest and
+    the log of the rest's mass."""
+    from targets import TargetCache
+    cache = TargetCache(_targets_caches["deltakd"])
+    tok = data.load_tokenizer(_train_world["s_raw"])
+    args = train.get_args(["--model", str(_train_world["s_raw"]), "--data", str(_train_world["data"]), "--out", "x",
+                           "--max-len", "128", "--targets", str(_targets_caches["deltakd"])])
+    examples, _ = data.examples_from_arguments(args, tok)
+    assert cache.check(examples, tok, args) is None
+    V = tok.get_vocab_size(with_added_tokens=True)
+    models = {k: Qwen2.from_pretrained(_train_world[k], torch.float64) for k in ("t_ft", "t_raw", "s_raw")}
+    top4 = tmp_path / "top4"
+    _targets_make(_train_world, top4, "--top-k", "4", "--max-rows", "12")
+    small = TargetCache(top4)
+    assert small.check(examples[:12], tok, args) is None  # a cache of a row limit's examples serves those
+    batch = next(iter(data.Batches(examples[:12], 12, 12)))[0]
+    with torch.no_grad():
+        at = batch["positions"]
+        logits = {k: m(batch["input_ids"], logits_at=at)[:, :V] for k, m in models.items()}
+    log_target = delta_kd_target(logits["t_ft"], logits["t_raw"], logits["s_raw"], 0.5, 1.0)
+    exact = cache.rows(batch)
+    assert exact.ids.shape == (len(at), V)
+    torch.testing.assert_close(exact.log_probs.double().gather(1, exact.ids.argsort(1)).exp(), log_target.exp(),
+                               rtol=1e-5, atol=1e-7)
+    kept = small.rows(batch)
+    want = topk_target(log_target, 4)
+    assert kept.ids.shape == (len(at), 4) and kept.ids.dtype == torch.long
+    torch.testing.assert_close(kept.log_probs.double().exp(), want.log_probs.exp(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(kept.log_tail.double().exp(), want.log_tail.exp(), rtol=1e-5, atol=1e-7)
+    ties = (want.log_probs[:, :-1] - want.log_probs[:, 1:]).abs().min(1).values > 1e-5  # ids may swap in a near-tie
+    assert (kept.ids[ties] == want.ids[ties]).all()
+    with safe_open(top4 / "shard-00000.safetensors", framework="pt") as f:
+        assert {k: f.get_slice(k).get_dtype() for k in f.keys()} == {"ids": "I32", "log_probs": "F32",
+                                                                    "log_tail": "F32", "keys": "U8", "offsets": "I64"}
+
+
+def test_targets_refusals_name_the_setting_before_any_work(_train_world, _targets_caches, tmp_path, capsys):
+    w, cache = _train_world, str(_targets_caches["deltakd"])
+    base = ["--model", str(w["s_raw"]), "--data", str(w["data"]), "--out", str(tmp_path / "x"), "--max-len", "128",
+            "--loss", "deltakd", "--targets", cache]
+
+    def refused(argv, pattern, cli=train):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert re.search(pattern, f"{e.value} {capsys.readouterr().err}"), pattern
+        assert not (tmp_path / "x").exists()
+    refused([*base, "--max-len", "100"], r"made with --max-len 128, this run has 100")
+    other = tmp_path / "other.jsonl"
+    other.write_text((w["data"]).read_text())
+    refused([*base, "--data", str(other)], r"made with --data .*train.jsonl, this run has .*other.jsonl")
+    refused([*base, "--alpha", "1"], r"--alpha 1.0, but --targets .* holds pi\* at alpha 0.5")
+    refused([*base, "--temperature", "2"], r"--temperature 2.0, but .* at temperature 1.0")
+    refused([*base, "--loss", "fkl"], r"--alpha 0.0, but .* alpha 0.5 \(--loss fkl is alpha 0\)")
+    refused([*base, "--loss", "minillm"], r"--targets is pi\* read from a cache, for off-policy .*--loss minillm")
+    refused([*base, "--on-policy", "0.5"], r"not with --loss deltakd, --on-policy")
+    refused([*base, "--teacher", str(w["t_ft"])], r"nor beside --teacher")
+    foreign = tmp_path / "foreign-tokenizer"
+    shutil.copytree(w["s_raw"], foreign)
+    tok = data.load_tokenizer(foreign)
+    tok.add_tokens(["<|extra|>"])
+    tok.save(str(foreign / "tokenizer.json"))
+    refused([*base[:1], str(foreign), *base[2:]], r"made with another tokenizer")
+    partial = tmp_path / "partial"
+    _targets_make(w, partial, "--max-rows", "20")
+    refused([*base[:-1], str(partial)], r"lacks 76 of this run's 96 examples")
+    refused([*base[:-1], str(tmp_path)], r"--targets: .* is not a targets.py folder")
+    # targets.py: another setting into a folder that holds targets is refused before any weight is read
+    import targets
+    made = ["--model", str(w["s_raw"]), "--teacher", str(w["t_ft"]), "--teacher-raw", str(w["t_raw"]), "--alpha",
+            "0.5", "--data", str(w["data"]), "--max-len", "128", "--out", cache, "--top-k", "100000", "--shard-size",
+            "7"]
+    before = _targets_bytes(_targets_caches["deltakd"])
+    for flag, value, why in (("--top-k", "5", r"top-k \d+, not 5"), ("--max-len", "64", "max-len 128, not 64"),
+                             ("--alpha", "1", "alpha 0.5, not 1.0"), ("--temperature", "2", "temperature 1.0, not 2.0"),
+                             ("--max-rows", "9", "max-rows None, not 9")):
+        with pytest.raises(SystemExit, match=f"holds targets made with {why}: give another --out"):
+            targets.main([*made, flag, value])
+    assert _targets_bytes(_targets_caches["deltakd"]) == before
+
+
+def test_targets_stopped_by_sigterm_resume_to_the_same_bytes(_train_world, tmp_path):
+    """targets.py under torchrun, sent SIGTERM (as SLURM or Kubernetes would) once its first shard is out: the
+    processes finish the shards in hand and stop, saying how to resume; the same command then ends with the same
+    bytes as an uninterrupted run on one process (and a stray .tmp from a kill is overwritten). train.py likewise:
+    stopped after a step, saved, and resumed, it ends with the very weights of an uninterrupted run."""
+    args = ["--top-k", "8", "--shard-size", "1", "--max-rows", "48"]  # 48 shards: many rounds to stop between
+    _targets_make(_train_world, tmp_path / "whole", *args)
+    run = _targets_make(_train_world, tmp_path / "cut", *args, nproc=2, popen=True)
+    while not list((tmp_path / "cut").glob("shard-*.safetensors")) and run.poll() is None:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    assert re.search(r"stopped by SIGTERM after \d+ of 48 shards; the same command resumes", output), output[-3000:]
+    assert len(list((tmp_path / "cut").glob("shard-*.safetensors"))) < 48
+    (tmp_path / "cut" / "shard-00047.safetensors.tmp").write_bytes(b"half a shard")
+    _targets_make(_train_world, tmp_path / "cut", *args, nproc=2)
+    assert _targets_bytes(tmp_path / "cut") == _targets_bytes(tmp_path / "whole")
+
+    steps = ["--targets", str(tmp_path / "whole"), "--max-rows", "48", "--max-steps", "30", "--batch-size", "8",
+             "--micro-batch-size", "4", "--save-every", "1000"]
+    _train_run(_train_world, tmp_path / "train-whole", *steps, nproc=2, teachers=False)
+    run = _train_run(_train_world, tmp_path / "train-cut", *steps, nproc=2, teachers=False, popen=True)
+    metrics = tmp_path / "train-cut" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text()) and run.poll() is None:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) of 30, saved in (\S+); the same command resumes", output)
+    assert stopped and int(stopped.group(1)) < 30 and Path(stopped.group(2)).name == f"step-{stopped.group(1)}", \
+        output[-3000:]
+    assert not (tmp_path / "train-cut" / "final").exists()
+    resumed = _train_run(_train_world, tmp_path / "train-cut", *steps, nproc=2, teachers=False)
+    assert f"resuming from {stopped.group(2)} at step {stopped.group(1)}" in resumed.stdout
+    want, got = _train_weights(tmp_path / "train-whole" / "final"), _train_weights(tmp_path / "train-cut" / "final")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measure.py: the fake-tensor estimate of a step's peak (bench.py memory), against real tensors
 
 def test_bench_memory_estimate_matches_real_tensors(tmp_path):
     """bench.py memory's estimate (fake tensors, a fake process group of 2 ranks) of a Delta-KD step with
@@ -2517,7 +2837,7 @@ def test_bench_memory_estimate_matches_real_tensors(tmp_path):
     (with two, gloo's threads allocate buffers of their own at times that vary): within 3%. That count is what the
     CUDA caching allocator reports as allocated."""
     import torch.distributed as dist
-    import bench
+    import measure
     shapes = {"student": dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, vocab_size=4096,
                               tie_word_embeddings=True),
               "teacher": dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, vocab_size=4160)}
@@ -2540,11 +2860,11 @@ def test_bench_memory_estimate_matches_real_tensors(tmp_path):
     assert abs(estimate["peak_gib"] / real["peak_gib"] - 1) < 0.03, (estimate, real)
     assert [estimate[k] for k in ("parameters_gib", "optimizer_gib", "where")] == \
         [real[k] for k in ("parameters_gib", "optimizer_gib", "where")]
-    _, args = bench._memory_args(argv)
+    _, args = measure.memory_args(argv)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         cpu = torch.device("cpu")
-        counted, allocated = bench._allocator_peak(lambda: bench.memory_of_step(args, 1, cpu, fake=False), cpu)
+        counted, allocated = measure.allocator_peak(lambda: measure.memory_of_step(args, 1, cpu, fake=False), cpu)
     finally:
         dist.destroy_process_group()
     assert abs(allocated / counted["peak_gib"] - 1) < 0.03, (counted, allocated)
@@ -2645,7 +2965,8 @@ def test_minillm_policy_gradient_against_the_exact_sequence_level_gradient(mix):
     for r in drawn:
         freq[where[tuple(r["tokens"])]] += 1 / samples
     sampled = freq @ estimates
-    for u in (mean / mean.norm(), torch.randn(len(mean), dtype=torch.float64, generator=torch.Generator().manual_seed(0))):
+    for u in (mean / mean.norm(),
+              torch.randn(len(mean), dtype=torch.float64, generator=torch.Generator().manual_seed(0))):
         u = u / u.norm()
         along = estimates @ u
         std_error = ((probs @ (along - probs @ along) ** 2) / samples).sqrt()
@@ -2668,7 +2989,8 @@ def test_minillm_teacher_mixed_sampling_draws_from_the_mixture():
     drawn = minillm.sample_replies(student, [_MINI_PROMPT] * n, list(range(n)), [1] * n, [_MINI_STOP], _MINI_VOCAB,
                                    teacher, 0.2)
     counts = torch.bincount(torch.tensor([r["tokens"][0] for r in drawn]), minlength=_MINI_VOCAB).double()
-    chi2 = lambda dist: ((counts - n * dist) ** 2 / (n * dist)).sum().item()
+    def chi2(dist):
+        return ((counts - n * dist) ** 2 / (n * dist)).sum().item()
     assert chi2(0.8 * q + 0.2 * p) < 30 and chi2(q) > 300
     for r in drawn[:50]:
         t = r["tokens"][0]
@@ -2678,12 +3000,12 @@ def test_minillm_teacher_mixed_sampling_draws_from_the_mixture():
 
 
 def test_minillm_sample_replies_against_a_sampler_without_cache():
-    """sample_replies (a model.Decoder: KV caches, a slot per prompt, a repeated prompt's cache rows copied, the
+    """sample_replies (a generate.Decoder: KV caches, a slot per prompt, a repeated prompt's cache rows copied, the
     records read back once per 16 steps) draws the same tokens, with the same log-probabilities, as a sampler written
     out token by token: full forwards of both models over the prompt and the reply so far, the mixture in float64, and
-    the same counter-based noise (model.gumbel) for the same seeds. The host waits on the device once per 16 steps."""
-    from bench import HostSyncs
-    from model import gumbel
+    the same counter-based noise (generate.gumbel) for the same seeds. The host waits on the device once per 16
+    steps."""
+    from measure import HostSyncs
     vocab, stop, mix = 40, 39, 0.3
 
     def model(seed):
@@ -2724,7 +3046,8 @@ def test_minillm_single_step_term_is_the_token_level_reverse_kl():
     """MiniLLM's single-step term is delta_kd_loss(rkl, alpha=0, lam=0): sum over positions of KL(q || p) over the
     first vocab_size ids, divided by num_tokens, against a float64 formula; the teacher's lm_head may be longer."""
     g = torch.Generator().manual_seed(3)
-    s, t = torch.randn(2, 7, 11, generator=g, dtype=torch.float64), torch.randn(2, 7, 13, generator=g, dtype=torch.float64)
+    s = torch.randn(2, 7, 11, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 7, 13, generator=g, dtype=torch.float64)
     targets = torch.randint(0, 11, (2, 7), generator=g)
     targets[0, :3] = -100
     got = delta_kd_loss(s, targets, t, alpha=0.0, lam=0.0, divergence="rkl", vocab_size=11, num_tokens=5.0)
@@ -2884,7 +3207,6 @@ def test_minillm_step_gradient_is_the_clipped_policy_loss_the_reverse_kl_and_sft
 
 # ---------------------------------------------------------------------------------------------------------------------
 # evaluate.py: the generation CLI
-
 
 
 def _eval_short(chat):
@@ -3056,7 +3378,7 @@ def test_eval_cli_replies_match_model_generate(_eval_env):
     stops = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
     for r, c in zip(rows, _eval_env["chats"]):
         prompt = data.encode_prompt(c["messages"], tokenizer)
-        new = model.generate(torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt):].tolist()
+        new = generate(model, torch.tensor([prompt]), max_new_tokens=24)[0, len(prompt):].tolist()
         end = next((k for k, t in enumerate(new) if t in stops), None)
         assert r["prediction"] == tokenizer.decode(new[:end], skip_special_tokens=True)
         assert r["finished"] == (end is not None)
@@ -3342,7 +3664,7 @@ def test_eval_cli_bad_input_fails_before_any_work(_eval_env, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# evaluate.py --diagnose: Delta-KD's target before any student trains; the scores beside ROUGE
+# diagnose.py: Delta-KD's target before any student trains; evaluate.py's scores beside ROUGE
 
 @pytest.fixture(scope="module")
 def _diag_env(_eval_env):
@@ -3372,16 +3694,16 @@ def _diag_env(_eval_env):
 
 
 def _diag_run(env, out, teacher_raw=None, torchrun=False, alphas="0,0.5,1"):
-    argv = ["--diagnose", "--model", str(env["s_raw"]), "--teacher", str(env["t_ft"]), "--teacher-raw",
+    argv = ["--model", str(env["s_raw"]), "--teacher", str(env["t_ft"]), "--teacher-raw",
             str(teacher_raw or env["t_raw"]), "--data", str(env["root"] / "test.jsonl"), "--alphas", alphas,
             "--micro-batch-size", "3", "--out", str(out)]
     if torchrun:
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(REPO / "evaluate.py"), *argv], cwd=REPO, capture_output=True, text=True,
+                              str(REPO / "diagnose.py"), *argv], cwd=REPO, capture_output=True, text=True,
                              timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     else:
-        main(argv)
+        diagnose.main(argv)
     return json.loads((out / "diagnose.json").read_text())
 
 
@@ -3396,14 +3718,15 @@ def _diag_oracle(env, alphas):
         ex = data.encode_chat(chat["messages"], tokenizer)
         keep = torch.tensor(ex["labels"][1:]) != -100  # logits at i predict the token at i + 1
         gold.append(torch.tensor(ex["labels"][1:])[keep])
-        classes.append(torch.from_numpy(evaluate.token_classes(chat["messages"], tokenizer)[1:]).long()[keep])
+        classes.append(torch.from_numpy(diagnose.token_classes(chat["messages"], tokenizer)[1:]).long()[keep])
         with torch.no_grad():
             for k, m in models.items():
                 logits[k].append(m(torch.tensor([ex["input_ids"]]))[0, :-1][keep])
                 p[k].append(torch.softmax(logits[k][-1][:, :V], -1))
     p, logits = {k: torch.cat(v) for k, v in p.items()}, {k: torch.cat(v) for k, v in logits.items()}
     gold, classes = torch.cat(gold), torch.cat(classes)
-    kl = lambda a, b: (a * (a / b).log()).sum(-1)  # noqa: E731
+    def kl(a, b):
+        return (a * (a / b).log()).sum(-1)
     right = {k: v.argmax(-1) == gold for k, v in p.items()}
     unmoved = kl(p["t_ft"], p["t_raw"]) < 0.01
     student_only = right["t_ft"] & right["t_raw"] & ~right["s_raw"]
@@ -3412,7 +3735,8 @@ def _diag_oracle(env, alphas):
 
     def summary(mask):
         n, only = mask.sum().item(), (mask & student_only).sum().item()
-        mean = lambda x: x[mask].sum().item() / n if n else None  # noqa: E731
+        def mean(x):
+            return x[mask].sum().item() / n if n else None
         return {"positions": n, "accuracy": {k: mean(v.double()) for k, v in right.items()},
                 "unmoved_share": mean(unmoved.double()), "raw_student_only_errors": mean(student_only.double()),
                 "alphas": [{"alpha": a, "accuracy": mean((s.argmax(-1) == gold).double()),
@@ -3421,7 +3745,7 @@ def _diag_oracle(env, alphas):
                                 ((s.argmax(-1) == gold) & mask & student_only).sum().item() / only if only else None}
                            for a, s in zip(alphas, stars)]}
     everything = torch.ones_like(unmoved)
-    return (summary(everything), summary(unmoved), {k: summary(classes == i) for i, k in enumerate(evaluate.CLASSES)},
+    return (summary(everything), summary(unmoved), {k: summary(classes == i) for i, k in enumerate(diagnose.CLASSES)},
             logits, gold)
 
 
@@ -3436,7 +3760,8 @@ def _diag_flat(record, path=""):
 def _diag_same(got, want, rel=2e-5):
     """Counts and shares exactly (fp32 and float64 agree on every argmax here), the KL values to rel."""
     got, want = _diag_flat({k: got[k] for k in want}), _diag_flat(want)
-    split = lambda flat, kl: {k: v for k, v in flat.items() if ("kl" in k) == kl}  # noqa: E731
+    def split(flat, kl):
+        return {k: v for k, v in flat.items() if ("kl" in k) == kl}
     assert split(got, False) == split(want, False)
     assert split(got, True) == pytest.approx(split(want, True), rel=rel, abs=rel / 10)
 
@@ -3486,28 +3811,27 @@ def test_diagnose_identities_and_two_processes(_diag_env, tmp_path):
     _diag_same(two, one, rel=1e-9)
 
 
-def test_diagnose_bad_arguments_fail_before_any_work(_diag_env, _data_toy, tmp_path):
+def test_diagnose_bad_arguments_fail_before_any_work(_diag_env, _data_toy, tmp_path, capsys):
     out = tmp_path / "out"
-    models = ["--diagnose", "--model", str(_diag_env["s_raw"]), "--teacher", str(_diag_env["t_ft"]),
+    models = ["--model", str(_diag_env["s_raw"]), "--teacher", str(_diag_env["t_ft"]),
               "--data", str(_diag_env["root"] / "test.jsonl"), "--out", str(out)]
 
-    def fails(argv, pattern):
-        with pytest.raises(SystemExit, match=pattern):
-            main(argv)
+    def fails(argv, pattern, cli=diagnose):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert re.search(pattern, f"{e.value} {capsys.readouterr().err}"), pattern
         assert not out.exists()
 
-    fails(models, "--diagnose needs --teacher \\(fine-tuned\\) and --teacher-raw")
+    fails(models, "the following arguments are required: --teacher-raw")
     raw = ["--teacher-raw", str(_diag_env["t_raw"])]
-    fails([*models, *raw, "--max-new-tokens", "9", "--batch-size", "2"],
-          "--max-new-tokens, --batch-size: --diagnose generates nothing")
-    fails([*models[1:], "--alphas", "0,1"], "--alphas: only for --diagnose")
+    fails([*models, *raw, "--max-new-tokens", "9"], "unrecognized arguments: --max-new-tokens 9")  # generates nothing
+    fails([*models[:2], *models[4:], "--alphas", "0,1"], "unrecognized arguments: --alphas 0,1", cli=evaluate)
     fails([*models, *raw, "--micro-batch-size", "0"], "--micro-batch-size must be at least 1")
+    fails([*models, *raw, "--alphas", "0,one"], "expected numbers separated by commas")
     other = tmp_path / "other-tokenizer"
     shutil.copytree(_diag_env["t_raw"], other)
     shutil.copy(_data_toy[0] / "tokenizer.json", other / "tokenizer.json")
     fails([*models, "--teacher-raw", str(other)], "--teacher-raw has a different tokenizer from --model's")
-    with pytest.raises(SystemExit):
-        evaluate.get_args([*models, *raw, "--alphas", "0,one"])
 
 
 def test_diagnose_token_classes(_eval_env):
@@ -3517,8 +3841,8 @@ def test_diagnose_token_classes(_eval_env):
     messages = [{"role": "user", "content": "Ava has 3 Zorblaxes. How many?"},
                 {"role": "assistant", "content": "Ava has 13 zorblaxes, Quuxwerp!\nThe answer is \\boxed{13}."}]
     ex = data.encode_chat(messages, tokenizer)
-    classes = evaluate.token_classes(messages, tokenizer)
-    reply = [(tokenizer.decode([t], skip_special_tokens=False), list(evaluate.CLASSES)[c])
+    classes = diagnose.token_classes(messages, tokenizer)
+    reply = [(tokenizer.decode([t], skip_special_tokens=False), list(diagnose.CLASSES)[c])
              for t, label, c in zip(ex["input_ids"], ex["labels"], classes) if label != -100]
     assert "".join(text for text, _ in reply) == messages[1]["content"] + "<|im_end|>"
     pieces = {"copied": "Ava has zorblaxes", "word": "Quuxwerp The answer is boxed", "number": "13"}
@@ -3573,8 +3897,8 @@ def _repro_students(trains):
             if Path(a.out).name not in ("teacher-raw", "student-raw", "teacher-ft")}
 
 
-TOY_STUDENTS = {"sft": ("sft", 1.0, 0.0), "fkl": ("fkl", 1.0, 0.0), "rkl": ("rkl", 1.0, 0.0), "seqkd": ("sft", 1.0, 0.0),
-                "minillm": ("minillm", 1.0, 0.0), "deltakd": ("deltakd", 1.0, 0.0),
+TOY_STUDENTS = {"sft": ("sft", 1.0, 0.0), "fkl": ("fkl", 1.0, 0.0), "rkl": ("rkl", 1.0, 0.0),
+                "seqkd": ("sft", 1.0, 0.0), "minillm": ("minillm", 1.0, 0.0), "deltakd": ("deltakd", 1.0, 0.0),
                 "deltakd-alpha0": ("deltakd", 0.0, 0.0), "deltakd-onpolicy": ("deltakd", 1.0, 0.5)}
 STUDY_STUDENTS = {**{k: v for k, v in TOY_STUDENTS.items() if k != "deltakd-alpha0"},
                   **{f"deltakd-alpha{a}": ("deltakd", a, 0.0) for a in (0.25, 0.5, 0.75)}}
@@ -3601,6 +3925,7 @@ def test_reproduce_dry_run_commands_parse(args, env):
 def _repro_check_dry_run(stdout, args, env, regime):
     trains = [train.get_args(argv) for argv in _repro_commands(stdout, "train.py")]  # argparse exits on any error
     evals = [evaluate.get_args(argv) for argv in _repro_commands(stdout, "evaluate.py")]
+    diagnoses = [diagnose.get_args(argv) for argv in _repro_commands(stdout, "diagnose.py")]
     students = _repro_students(trains)
     seeds = int(env.get("SEEDS", 2 if "--quick" in args else 5)) if "study" in args else 1
     expected = {(name, 0): how for name, how in TOY_STUDENTS.items()}
@@ -3616,8 +3941,7 @@ def _repro_check_dry_run(stdout, args, env, regime):
     assert minillm.num_rollouts == (256 if "paper" in args else 2 * minillm.batch_size)
     # the premise diagnostic after the teacher's SFT and before the first student, on the scored test data; in the
     # premise regime, first the gate: the raw teacher as both teachers, on the test problems in style A
-    diagnoses = [e for e in evals if e.diagnose]
-    scored = [e for e in evals if not e.write_data and not e.diagnose]
+    scored = [e for e in evals if not e.write_data]
     # and in a study, seed 0's FKL and Delta-KD students in the raw student's place, once they trained
     by_class = [e for e in diagnoses if Path(e.out).parent.name == "students-by-class"]
     diagnoses = [e for e in diagnoses if e not in by_class]
@@ -3627,33 +3951,33 @@ def _repro_check_dry_run(stdout, args, env, regime):
     assert all(stdout.index(f"--out {e.out}\n") > stdout.index(f"--out {students[name, 0].out}\n")
                for e, name in zip(by_class, ("fkl", "deltakd")))
     assert len(diagnoses) == 1 + (regime == "premise")
-    diagnose = diagnoses[-1]
+    diag = diagnoses[-1]
     # the SFT students need no teacher: except in the premise regime, they train beside the pre-training
     first_student = min(stdout.index(f"--out {a.out}\n") for (name, _), a in students.items()
                         if name != "sft" or regime == "premise")
     raw = ("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B") if "paper" in args else \
         tuple(str(Path(students["sft", 0].out).parent / f"{who}-raw/final") for who in ("student", "teacher"))
-    assert (diagnose.model, Path(diagnose.teacher).parent.name, diagnose.teacher_raw) == (raw[0], "teacher-ft", raw[1])
-    assert (diagnose.data, diagnose.split, diagnose.holdout, diagnose.max_len, diagnose.max_examples) == \
+    assert (diag.model, Path(diag.teacher).parent.name, diag.teacher_raw) == (raw[0], "teacher-ft", raw[1])
+    assert (diag.data, diag.split, diag.holdout, diag.max_len, diag.max_examples) == \
         (scored[0].data, scored[0].split, scored[0].holdout, scored[0].max_len, scored[0].max_examples)
-    assert stdout.index(f"--out {Path(diagnose.teacher).parent}\n") < stdout.index(f"--out {diagnose.out}\n") < \
+    assert stdout.index(f"--out {Path(diag.teacher).parent}\n") < stdout.index(f"--out {diag.out}\n") < \
         first_student
     if regime == "premise":
         gate = diagnoses[0]
-        assert gate.teacher == gate.teacher_raw == diagnose.teacher_raw and gate.model == diagnose.model
-        assert gate.data.endswith("test-style-a.jsonl") and gate.max_examples == diagnose.max_examples
+        assert gate.teacher == gate.teacher_raw == diag.teacher_raw and gate.model == diag.model
+        assert gate.data.endswith("test-style-a.jsonl") and gate.max_examples == diag.max_examples
         assert stdout.index(f"--out {gate.out}\n") < stdout.index("report.py") < stdout.index("teacher-ft") < \
             first_student and re.search(r"report\.py \S+ --gate 0\.02$" if "--quick" not in args else "--gate 1$",
                                         stdout, re.M)
         assert re.search(r"toy\.py .*--regime premise", stdout)
     # the SeqKD answers, the teacher, the raw student, and every student once
-    assert len(evals) == 1 + 2 + len(students) + len(diagnoses) + len(by_class)
+    assert len(evals) == 1 + 2 + len(students)
     assert len({(e.data, e.split, e.holdout, e.max_len, e.max_new_tokens, e.max_examples) for e in scored}) == 1
     assert re.search(r"^\+ \S*python\S* report\.py \S+( --study|$)", stdout, re.M)
     if "paper" not in args:
         return
     assert all(line.startswith("+ torchrun") for line in stdout.splitlines()
-               if "train.py" in line or "evaluate.py" in line)
+               if "train.py" in line or "evaluate.py" in line or "diagnose.py" in line)
     seqkd_data = next(e for e in evals if e.write_data)
     seqkd = students["seqkd", 0]
     if env.get("DATASET") == "openmath":  # the hash-held-out problems are the test; no training run sees them
@@ -3712,7 +4036,8 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
                            "Delta-KD, alpha=0", "Delta-KD, on-policy (extension)"]
     for (method, (r1, r2, rl, *values, _)), name in zip(table.items(),
                                                         ["teacher-ft", "student-raw", *TOY_STUDENTS]):
-        rows = [json.loads(line) for line in (out / "eval" / name / "predictions.jsonl").read_text().split("\n") if line]
+        rows = [json.loads(line) for line in (out / "eval" / name / "predictions.jsonl").read_text().split("\n")
+                if line]
         scores = [_eval_scorer(True).score(r["reference"], r["prediction"]) for r in rows]
         mean = [sum(s[k].fmeasure for s in scores) / len(scores) for k in ("rouge1", "rouge2", "rougeL")]
         # rouge-score's, to 4 places (a tie like 0.04375 may round either way)

@@ -1,8 +1,8 @@
 """The synthetic toy of reproduce.sh: arithmetic word problems in chats, a pre-training corpus, a Qwen-like tokenizer.
 
-    python toy.py --out DIR [--regime knowledge|premise]    train.jsonl, test.jsonl, corpus.jsonl, the tokenizer
+    python toy.py --out DIR [--regime knowledge|premise|student-knows]    train.jsonl, test.jsonl, corpus.jsonl, ...
 
-Two regimes, two answers to "what did the raw models learn before SFT?":
+Three regimes, three answers to "what did the raw models learn before SFT?":
 - knowledge: a corpus with none of the task's chats (worked problems as plain text, sums, short chats about sums).
   SFT teaches answering word problems in a chat, and the larger teacher knows more arithmetic than the student.
 - premise: Delta-KD's premise (arXiv 2509.14526), that the raw student is a good base for the teacher's SFT shift.
@@ -13,7 +13,21 @@ Two regimes, two answers to "what did the raw models learn before SFT?":
   untrained, and the raw models lost the content inside it), but answer a chat in style A. The numbers are small
   (one-digit operands, two-digit results), so that the raw student can master the content as well as the raw
   teacher; reproduce.sh's gate checks it on test-style-a.jsonl, the test problems replied in style A.
-The corpus never holds a test problem.
+- student-knows: the raw student knows facts that the teacher does not, the case where Delta-KD's target, which keeps
+  the raw student's beliefs wherever SFT did not move the teacher, should win. The facts: the prices of 36 goods at a
+  market (market.json), 1 to 9 dollars, each price for four goods. Both raw models' corpora state the prices of 12
+  "shared" goods; only the raw student's states the other 24 (corpus.jsonl; the teacher's is corpus-teacher.jsonl).
+  A corpus is the premise regime's, with a third of its problems about buying goods ("At the market, a lamp costs 7
+  dollars." opens their solutions) and a tenth of its documents price lists. The teacher's SFT data (sft.jsonl)
+  replies in style B to the premise regime's problems and to buying problems about shared goods only: SFT cannot
+  teach the student-only prices. The students' distillation data (train.jsonl) is style B too, and a fifth of it buys
+  12 of the student-only goods, the "covered" ones: there the gold replies state the prices (so the SFT term teaches
+  them to every student), FKL's target is the teacher's guess and Delta-KD's keeps the raw student's answer. The other
+  12, "uncovered", appear in no training chat: there only what a student keeps of its raw knowledge can be right.
+  The test (test.jsonl) is 35% covered, 35% uncovered, 15% shared and 15% premise problems, each row naming its kind
+  and its facts; test-facts.jsonl holds its covered and uncovered problems in style B, for the gate, and
+  test-facts-style-a.jsonl the same problems in style A.
+No corpus holds a test problem, and no training or SFT chat repeats one.
 """
 import argparse
 import json
@@ -25,7 +39,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from data import DEFAULT_SYSTEM, SPECIAL_TOKENS, render_chat
 
-REGIMES = ("knowledge", "premise")
+REGIMES = ("knowledge", "premise", "student-knows")
 NAMES = "Ava Ben Chloe Dev Emma Farid Grace Hugo Iris Jonas Kira Liam Maya Noah Olga Priya Sam Tara".split()
 ITEMS = "apples pencils stickers marbles books cookies stamps shells cards beads".split()
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -43,7 +57,8 @@ def problem(rng, small=False):
     read the question to choose the steps, and carry its numbers through them. small: the premise regime's numbers."""
     a, b = rng.sample(NAMES, 2)
     item, kind, r = rng.choice(ITEMS), rng.randrange(7), rng.randint
-    n = lambda usual, little: r(*(little if small else usual))  # noqa: E731  (lo, hi) ranges
+    def n(usual, little):  # (lo, hi) ranges
+        return r(*(little if small else usual))
     if kind == 0:
         x, y = n((5, 60), (5, 20)), n((2, 40), (2, 9))
         z = r(1, x + y)
@@ -63,14 +78,14 @@ def problem(rng, small=False):
                 f"does each friend get?", [f"{a} shares {total} - {kept} = {total - kept} {item}.",
                                            f"Each friend gets {total - kept} / {k} = {each} {item}."], each)
     if kind == 3:
-        w, l = n((2, 30), (2, 9)), n((2, 30), (2, 9))
-        return (f"{a}'s garden is {w} m wide and {l} m long. What is its perimeter in meters?",
-                [f"The perimeter is 2 x ({w} + {l}).", f"{w} + {l} = {w + l}, and 2 x {w + l} = {2 * (w + l)}."],
-                2 * (w + l))
+        w, h = n((2, 30), (2, 9)), n((2, 30), (2, 9))
+        return (f"{a}'s garden is {w} m wide and {h} m long. What is its perimeter in meters?",
+                [f"The perimeter is 2 x ({w} + {h}).", f"{w} + {h} = {w + h}, and 2 x {w + h} = {2 * (w + h)}."],
+                2 * (w + h))
     if kind == 4:
-        w, l = n((2, 30), (2, 9)), n((2, 30), (2, 9))
-        return (f"{a}'s garden is {w} m wide and {l} m long. What is its area in square meters?",
-                ["The area is the width times the length.", f"{w} x {l} = {w * l}."], w * l)
+        w, h = n((2, 30), (2, 9)), n((2, 30), (2, 9))
+        return (f"{a}'s garden is {w} m wide and {h} m long. What is its area in square meters?",
+                ["The area is the width times the length.", f"{w} x {h} = {w * h}."], w * h)
     if kind == 5:
         s1, h1, s2, h2 = n((20, 90), (2, 9)), n((2, 5), (2, 4)), n((20, 90), (2, 9)), n((2, 5), (2, 4))
         return (f"{a} drives at {s1} km/h for {h1} hours, then at {s2} km/h for {h2} hours. How far does {a} drive in "
@@ -145,6 +160,120 @@ def corpus(n, seed=0, regime="knowledge", exclude=()):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# student-knows: a market whose prices only the raw student's corpus states
+
+GOODS = [(g, {"scarf": "scarves", "brush": "brushes"}.get(g, g + "s")) for g in (  # (singular, plural)
+    "lamp kettle umbrella scarf candle basket mirror teapot blanket hammer ladder bucket pillow wallet helmet jacket "
+    "glove sock bowl plate spoon brush comb towel kite drum flute radio clock vase rug stool tent rope lantern "
+    "whistle").split()]
+FACT = re.compile(r"costs (\d+) dollars")  # a fact's value in a reply: diagnose.py --mark's pattern
+
+
+def market(seed=0):
+    """{good: (price, kind)}: 12 goods of each kind, shared, covered and uncovered; in each kind every price from 1 to
+    9 and three more, so that a model that does not know a good's price guesses it right about 1 time in 9."""
+    rng = random.Random(f"market-{seed}")
+    goods = [g for g, _ in GOODS]
+    rng.shuffle(goods)
+    out = {}
+    for k, kind in enumerate(("shared", "covered", "uncovered")):
+        prices = list(range(1, 10)) + rng.sample(range(1, 10), 3)
+        rng.shuffle(prices)
+        out.update({g: (p, kind) for g, p in zip(goods[12 * k:12 * (k + 1)], prices)})
+    return out
+
+
+def _a(good):
+    return ("an " if good[0] in "aeiou" else "a ") + good
+
+
+def _fact(good, price):
+    return f"At the market, {_a(good)} costs {price} dollars."
+
+
+def buying(rng, goods, prices):
+    """A problem about buying some of `goods` at the market: (question, steps, answer, {good: price})."""
+    a, plural, shape = rng.choice(NAMES), dict(GOODS), rng.randrange(3)
+    if shape == 1:
+        g, h = rng.sample(goods, 2)
+        k, m = rng.randint(2, 5), rng.randint(2, 5)
+        p, q = prices[g], prices[h]
+        return (f"{a} buys {k} {plural[g]} and {m} {plural[h]} at the market. How much does {a} pay?",
+                [_fact(g, p), _fact(h, q), f"{a} pays {k} x {p} + {m} x {q} = {k * p} + {m * q} = {k * p + m * q} "
+                 "dollars."], k * p + m * q, {g: p, h: q})
+    g = rng.choice(goods)
+    p = prices[g]
+    if shape == 0:
+        k = rng.randint(2, 9)
+        return (f"{a} buys {k} {plural[g]} at the market. How much does {a} pay?",
+                [_fact(g, p), f"{a} pays {k} x {p} = {k * p} dollars."], k * p, {g: p})
+    x = rng.randint(p + 1, 20)
+    return (f"{a} has {x} dollars and buys {_a(g)} at the market. How much money does {a} have left?",
+            [_fact(g, p), f"{a} has {x} - {p} = {x - p} dollars left."], x - p, {g: p})
+
+
+def market_chats(n, rng, seen, mix, prices, kinds, style="B"):
+    """n new problems as chat rows: `mix` {kind: share} of buying problems by the kind of their goods ("none": the
+    premise regime's problems). Each row names its kind and its facts. `seen` holds the questions already used."""
+    goods = {kind: [g for g, (_, k) in kinds.items() if k == kind] for kind in ("shared", "covered", "uncovered")}
+    order = [kind for kind, share in mix.items() for _ in range(round(share * n))][:n]
+    order += [next(iter(mix))] * (n - len(order))
+    rng.shuffle(order)  # the kinds mixed: a row limit takes some of each
+    rows = []
+    for kind in order:
+        while True:
+            if kind == "none":
+                (question, steps, answer), facts = problem(rng, small=True), {}
+            else:
+                question, steps, answer, facts = buying(rng, goods[kind], prices)
+            if question not in seen:
+                break
+        seen.add(question)
+        reply = (style_b if style == "B" else style_a)(steps, answer)
+        rows.append({**_chat(f"toy-{len(seen)}", question, reply, answer), "kind": kind, "facts": facts})
+    return rows
+
+
+def market_corpus(n, seed, known, prices, exclude):
+    """The premise regime's corpus with buying problems about the `known` goods (a third of the problems) and price
+    lists of them (a tenth of the documents): the raw student knows every good, the raw teacher the shared ones."""
+    rng, rows = random.Random(f"corpus-{seed}-{len(known)}"), []
+    while len(rows) < n:
+        kind = rng.random()
+        if kind < 0.1:
+            listed = rng.sample(known, rng.randint(4, 8))
+            rows.append({"id": f"corpus-{len(rows)}", "text": " ".join(_fact(g, prices[g]) for g in listed)})
+            continue
+        question, steps, answer = buying(rng, known, prices)[:3] if kind < 0.4 else problem(rng, small=True)
+        if question in exclude:
+            continue
+        text = f"Problem: {question}\nSolution: {style_b(steps, answer)}" if rng.random() < 0.25 else \
+            render_chat(_chat("", question, style_a(steps, answer), answer)["messages"])
+        rows.append({"id": f"corpus-{len(rows)}", "text": text})
+    return rows
+
+
+def student_knows(n_train, n_test, n_corpus, seed):
+    """The student-knows regime's files (see the module's docstring), as {name: rows}."""
+    kinds = market(seed)
+    prices = {g: p for g, (p, _) in kinds.items()}
+    rng, seen = random.Random(f"chats-{seed}"), set()
+    test = market_chats(n_test, rng, seen, {"covered": 0.35, "uncovered": 0.35, "shared": 0.15, "none": 0.15},
+                        prices, kinds)
+    sft = market_chats(n_train, rng, seen, {"none": 0.75, "shared": 0.25}, prices, kinds)
+    train = market_chats(n_train, rng, seen, {"none": 0.6, "shared": 0.2, "covered": 0.2}, prices, kinds)
+    facts = [r for r in test if r["kind"] in ("covered", "uncovered")]
+    in_style_a = [{**r, "messages": [r["messages"][0], {"role": "assistant", "content": style_a(
+        [line.split(": ", 1)[1] for line in r["messages"][1]["content"].split("\n") if line.startswith("Step ")],
+        r["answer"])}]} for r in facts]
+    questions = [r["messages"][0]["content"] for r in test]
+    return {"train": train, "sft": sft, "test": test, "test-facts": facts, "test-facts-style-a": in_style_a,
+            "corpus": market_corpus(n_corpus, seed, list(prices), prices, questions),
+            "corpus-teacher": market_corpus(n_corpus // 3, seed, [g for g, (_, k) in kinds.items() if k == "shared"],
+                                            prices, questions)}
+
+
 def _sum(rng):
     x, op, y = rng.randint(1, 99), rng.choice("+-x"), rng.randint(1, 12)
     value = {"+": x + y, "-": x - y, "x": x * y}[op]
@@ -173,8 +302,9 @@ def main():
     p = argparse.ArgumentParser(description="write the toy's chats, pre-training corpus and tokenizer")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--regime", choices=REGIMES, default="knowledge",
-                   help="what the raw models pre-train on: the task's knowledge without its chats, or the task's "
-                        "chats in another reply style (Delta-KD's premise)")
+                   help="what the raw models pre-train on: the task's knowledge without its chats, the task's chats "
+                        "in another reply style (Delta-KD's premise), or that and facts that only the raw student "
+                        "knows (student-knows)")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files")
     p.add_argument("--n-train", type=int, default=4000, help="training chats (train.jsonl)")
     p.add_argument("--n-test", type=int, default=200, help="held-out chats (test.jsonl)")
@@ -185,12 +315,17 @@ def main():
     # --- data
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = chats(args.n_train + args.n_test, args.seed, args.regime)
-    files = {"train": rows[:args.n_train], "test": rows[args.n_train:]}
-    test_questions = [r["messages"][0]["content"] for r in files["test"]]
-    if args.regime == "premise":  # the gate's data: the same test problems, replied in the pre-training style
-        files["test-style-a"] = chats(args.n_train + args.n_test, args.seed, args.regime, style="A")[args.n_train:]
-    files["corpus"] = corpus(args.n_corpus, args.seed, args.regime, exclude=test_questions)
+    if args.regime == "student-knows":
+        files = student_knows(args.n_train, args.n_test, args.n_corpus, args.seed)
+        (out / "market.json").write_text(json.dumps({g: {"price": p, "kind": k} for g, (p, k) in
+                                                     market(args.seed).items()}, indent=1) + "\n")
+    else:
+        rows = chats(args.n_train + args.n_test, args.seed, args.regime)
+        files = {"train": rows[:args.n_train], "test": rows[args.n_train:]}
+        test_questions = [r["messages"][0]["content"] for r in files["test"]]
+        if args.regime == "premise":  # the gate's data: the same test problems, replied in the pre-training style
+            files["test-style-a"] = chats(args.n_train + args.n_test, args.seed, args.regime, style="A")[args.n_train:]
+        files["corpus"] = corpus(args.n_corpus, args.seed, args.regime, exclude=test_questions)
     for name, part in files.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
 

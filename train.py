@@ -12,8 +12,6 @@ update whatever the number of processes and the micro-batch size. The on-policy 
 (the loop), Delta-KD (arXiv:2509.14526), MiniLLM (arXiv:2306.08543), GKD (arXiv:2306.13649).
 """
 import argparse
-import datetime
-import gc
 import hashlib
 import json
 import math
@@ -21,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
     set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from data import Batches, build_examples, load_rows, load_tokenizer, step_inputs, to_device
-from deltakd import delta_kd_loss
+import parallel
+from data import Batches, add_data_arguments, examples_from_arguments, load_tokenizer, step_inputs, to_device
+from deltakd import TopK, delta_kd_loss
 from minillm import MiniLLM, global_count, on_policy_batches
-from model import Qwen2, Qwen2Config, checkpoint_shapes, load_weights, resolve_model_dir
+from model import Qwen2, Qwen2Config, checked_model_dir, load_weights
+from parallel import build
+from targets import MODEL_FLAGS, TargetCache
 
 LOSSES = {  # how the paper's token-level methods fall out of delta_kd_loss
     "sft": dict(lam=1.0),  # cross-entropy on the data, no teacher
@@ -59,13 +60,18 @@ def get_args(argv=None):
     g.add_argument("--model", required=True, help="the model to train: a folder or a Hub id")
     g.add_argument("--teacher", help="the fine-tuned teacher (fkl, rkl, deltakd, minillm)")
     g.add_argument("--teacher-raw", help="the same teacher before its SFT (deltakd)")
+    g.add_argument("--targets", metavar="DIR",
+                   help="fkl, rkl, deltakd: pi* from targets.py's cache instead of the frozen models, which are then "
+                        "neither built nor read (the paper's decoupled inference); alpha and T are the cache's")
     g.add_argument("--random-init", action="store_true",
                    help="start from random weights (--model then needs only config.json and the tokenizer): for "
                         "pre-training small raw models with --loss sft")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", choices=list(LOSSES), default="deltakd", help="what to train with")
-    g.add_argument("--alpha", type=float, default=1.0, help="deltakd: how much of the teacher's SFT shift to apply")
-    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the KD term (not of sampling)")
+    g.add_argument("--alpha", type=float, help="deltakd: how much of the teacher's SFT shift to apply (default 1; "
+                                               "with --targets, the cache's)")
+    g.add_argument("--temperature", type=float, help="temperature of the KD term, not of sampling (default 1; with "
+                                                     "--targets, the cache's)")
     g.add_argument("--lam", type=float, default=0.5, help="weight of the SFT term; the KD term gets 1 - lam (minillm: "
                    "the SFT term is added to the policy loss with this weight)")
     g = p.add_argument_group("on-policy: the student's own samples (minillm.py)")
@@ -79,19 +85,7 @@ def get_args(argv=None):
     g.add_argument("--num-rollouts", type=int, default=256,
                    help="minillm: replies sampled per rollout phase (a multiple of --batch-size); a phase is "
                         "ppo-epochs x num-rollouts / batch-size optimizer steps")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file, a folder of them, or a Hub dataset id")
-    g.add_argument("--split", help="dataset split, optionally with a row range like cot[:100000] (default: "
-                                   "train_sft for UltraChat, cot for OpenMathReasoning)")
-    g.add_argument("--max-rows", type=int, help="read at most this many rows (downloads only the shards needed)")
-    g.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows instead of stopping")
-    g.add_argument("--max-len", type=int, default=2048, help="longest sequence in tokens; longer rows are cut")
-    g.add_argument("--drop-long", action="store_true",
-                   help="drop the rows whose chat does not fit in --max-len instead of cutting them (a cut reply loses "
-                        "its end and its <|im_end|>); --max-rows then counts the rows kept")
-    g.add_argument("--holdout", choices=["train", "test"],
-                   help="split the prompts by a hash of each (data.HOLDOUT of them held out for testing): 'train' "
-                        "leaves the held-out ones out, as evaluate.py --holdout test scores exactly those")
+    g = add_data_arguments(p)
     g.add_argument("--batch-size", type=int, default=64, help="sequences per optimizer step, over all processes")
     g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass, per process")
     g = p.add_argument_group("optimisation")
@@ -119,15 +113,24 @@ def get_args(argv=None):
                         "so off by default; not yet measured on a GPU (bench.py gpu)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU bf16 peak for MFU (H100 SXM: 989)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.targets:  # with --targets, the cache's (target_cache)
+        args.alpha = 1.0 if args.alpha is None else args.alpha
+        args.temperature = 1.0 if args.temperature is None else args.temperature
+    return args
 
 
-def check_args(args, world_size):
-    """Everything that can be wrong with the command line, found before any model or data is loaded."""
-    if args.loss in ("fkl", "rkl", "deltakd", "minillm") and not args.teacher:
-        sys.exit(f"error: --loss {args.loss} needs --teacher (the fine-tuned teacher)")
-    if args.loss == "deltakd" and args.alpha != 0 and not args.teacher_raw:
-        sys.exit("error: --loss deltakd needs --teacher-raw (the teacher before SFT), or --alpha 0")
+def check_args(args):
+    """Everything that can be wrong with the command line alone."""
+    if args.targets and (args.loss not in ("fkl", "rkl", "deltakd") or args.on_policy or args.teacher or
+                         args.teacher_raw):
+        sys.exit(f"error: --targets is pi* read from a cache, for off-policy fkl, rkl and deltakd: not with --loss "
+                 f"{args.loss}{', --on-policy' * bool(args.on_policy)}, nor beside --teacher or --teacher-raw "
+                 "(on-policy methods and MiniLLM need the models online)")
+    if args.loss in ("fkl", "rkl", "deltakd", "minillm") and not args.teacher and not args.targets:
+        sys.exit(f"error: --loss {args.loss} needs --teacher (the fine-tuned teacher), or --targets")
+    if args.loss == "deltakd" and args.alpha != 0 and not (args.teacher_raw or args.targets):
+        sys.exit("error: --loss deltakd needs --teacher-raw (the teacher before SFT), or --alpha 0, or --targets")
     if args.random_init and args.loss != "sft":
         sys.exit("error: --random-init is for pre-training with --loss sft; a distilled student starts pretrained")
     if min(args.batch_size, args.micro_batch_size, args.max_len, args.max_new_tokens, args.ppo_epochs,
@@ -145,54 +148,72 @@ def check_args(args, world_size):
         sys.exit("error: need --max-steps > 0 or --epochs > 0, --save-every >= 1 and --keep-checkpoints >= 1")
 
 
-# ----------------------------------------------------------------------------- distributed helpers
+def preflight(args):
+    """Everything that can be wrong with the command, the model folders and the data, found before any process group
+    or weight: ({s_raw, t_ft, t_raw: folder} as given, the tokenizer, the examples, whether the data are chats, and
+    the target cache of --targets or None)."""
+    check_args(args)
+    dirs = {}
+    for name, flag in MODEL_FLAGS.items():
+        if getattr(args, flag):
+            try:  # a local folder or a cached Hub download; --random-init needs only its config and tokenizer
+                dirs[name] = checked_model_dir(getattr(args, flag), weights=not (name == "s_raw" and args.random_init))
+            except (OSError, ValueError) as e:
+                sys.exit(f"error: --{flag.replace('_', '-')}: {e}")
+    tokenizer = load_tokenizer(dirs["s_raw"])
+    for name in ("t_ft", "t_raw"):
+        if name in dirs and load_tokenizer(dirs[name]).get_vocab(True) != tokenizer.get_vocab(True):
+            flag = MODEL_FLAGS[name]
+            sys.exit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} has a different tokenizer from "
+                     f"--model {args.model}: token-level KD compares distributions over the same ids")
+    examples, chats = examples_from_arguments(args, tokenizer)
+    return dirs, tokenizer, examples, chats, target_cache(args, examples, tokenizer) if args.targets else None
 
-def build(model_dir, mesh, compute_dtype, storage_dtype, trainable, grad_ckpt=False, compile=None):
-    """Meta device -> activation checkpointing -> compile -> fully_shard each block, then the root -> to_empty ->
-    weights, tensor by tensor (load_weights, after this). compile: None, or the torch.compile backend of the blocks
-    ("inductor" for --compile)."""
-    prior = torch.get_default_dtype()
-    torch.set_default_dtype(storage_dtype)  # made in it, not cast: fake tensors (bench.py memory) refuse a cast's swap
+
+def target_cache(args, examples, tokenizer):
+    """--targets: the cache, checked against this run's tokenizer, data and examples; alpha and T, when not given,
+    taken from it. Each refusal names what differs, before any process group or weight."""
     try:
-        with torch.device("meta"):
-            model = Qwen2(Qwen2Config.from_json(model_dir))
-    finally:
-        torch.set_default_dtype(prior)
-    for block in model.model.layers:
-        block.gradient_checkpointing = grad_ckpt
-    if compile:
-        model.compile_blocks(compile)
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-    # The ends of a trained model stay gathered after forward, for the backward that follows at once; a frozen model
-    # has no backward, so it gives them back. Untied, the embedding and [norm, lm_head] are units of their own, as in
-    # torchtitan: each is gathered only while it runs, and lm_head's gradient is reduced as soon as it is made rather
-    # than after the whole backward (2 x 1.0 GiB less at the 7B's SFT, bench.py memory). A tied matrix serves both
-    # ends, so it stays in the root.
-    if not model.config.tie_word_embeddings:
-        fully_shard(model.model.embed_tokens, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-        fully_shard([model.model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable)
-    model.to_empty(device=mesh.device_type)  # FSDP2 keeps a tied lm_head tied through to_empty
-    if not trainable:
-        model.requires_grad_(False).eval()
-    model.name_or_path = str(model_dir)
-    return model
+        cache = TargetCache(args.targets)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --targets: {e}")
+    if why := cache.check(examples, tokenizer, args):
+        sys.exit(f"error: {why}")
+    alpha = 0.0 if args.loss in ("fkl", "rkl") else args.alpha  # fkl and rkl are alpha 0 whatever the flag
+    for flag, mine in (("alpha", alpha), ("temperature", args.temperature)):
+        if mine is not None and mine != cache.settings[flag]:
+            sys.exit(f"error: --{flag} {mine}, but --targets {args.targets} holds pi* at {flag} "
+                     f"{cache.settings[flag]}" + (f" (--loss {args.loss} is alpha 0)" if flag == "alpha" else ""))
+        setattr(args, flag, cache.settings[flag])
+    return cache
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# models, and one step of a token-level loss
 
 def build_models(dirs, args, mesh, compute_dtype):
     """The student, in fp32 master weights, and the frozen models that its loss reads, stored in the compute dtype:
-    (student, {"teacher", "teacher_raw", "student_raw"} as needed), their weights not yet loaded."""
+    (student, {"t_ft", "t_raw", "s_raw"} as needed), their weights not yet loaded."""
     backend = "inductor" if args.compile else None
-    student = build(dirs["model"], mesh, compute_dtype, torch.float32, True, args.grad_ckpt, backend)
+    student = build(dirs["s_raw"], mesh, compute_dtype, torch.float32, True, args.grad_ckpt, backend)
     frozen = {}
-    if args.loss != "sft":
-        frozen["teacher"] = build(dirs["teacher"], mesh, compute_dtype, compute_dtype, False, compile=backend)
-    if args.loss == "deltakd" and args.alpha != 0:
-        frozen["teacher_raw"] = build(dirs["teacher_raw"], mesh, compute_dtype, compute_dtype, False, compile=backend)
-        frozen["student_raw"] = build(dirs["model"], mesh, compute_dtype, compute_dtype, False, compile=backend)
+    if args.loss != "sft" and not args.targets:
+        frozen["t_ft"] = build(dirs["t_ft"], mesh, compute_dtype, compute_dtype, False, compile=backend)
+    if args.loss == "deltakd" and args.alpha != 0 and not args.targets:
+        frozen["t_raw"] = build(dirs["t_raw"], mesh, compute_dtype, compute_dtype, False, compile=backend)
+        frozen["s_raw"] = build(dirs["s_raw"], mesh, compute_dtype, compute_dtype, False, compile=backend)
     return student, frozen
+
+
+def random_init(out, dirs, args, rank):
+    """--random-init: rank 0 writes the initial weights once, so every rank and every rerun loads the same ones."""
+    if rank == 0 and not (out / "init").exists():
+        torch.manual_seed(args.seed)
+        init = Qwen2(Qwen2Config.from_json(dirs["s_raw"]))
+        init.init_weights()
+        init.save_pretrained(out / "init", tokenizer_dir=dirs["s_raw"])
+    dist.barrier()
+    return {**dirs, "s_raw": out / "init"}
 
 
 def make_optimizer(student, args, fused):
@@ -225,28 +246,47 @@ def check_same_data(examples, rank, world):
         sys.exit(1)
 
 
-def kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device, world, scale=1.0):
+def kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device, world, scale=1.0, cache=None):
     """Forward and backward of one optimizer step of a token-level loss; returns this rank's share of the logged
-    values. scale multiplies the loss: 1 - lam on an on-policy step, whose KD term alone is trained."""
+    values. scale multiplies the loss: 1 - lam on an on-policy step, whose KD term alone is trained. cache: pi* read
+    from targets.py's cache, in place of the frozen models (then none)."""
     # The global count of supervised tokens, all-reduced before the step, so the same global batch gives the same
     # update however it is split. FSDP averages gradients over ranks, so each rank divides by count / world: the
     # average of the ranks' gradients is then the global batch's.
     num_tokens = global_count(micro_batches, device) / world
     batch = [step_inputs(mb, device) for mb in micro_batches]  # every copy queued at once, none waited for
+    cached = [None if cache is None else TopK(*(to_device(x, device) for x in cache.rows(mb))) for mb in micro_batches]
     stats = {"loss": 0.0, "sft": 0.0, "kd": 0.0, "tokens": sum(mb["attention_mask"].sum() for mb in micro_batches)}
-    for input_ids, at, target in batch:
+    for (input_ids, at, target), pi in zip(batch, cached):
         # Batches pads on the right, so plain causal attention is already exact on every real token: no mask. Only
         # the supervised positions get logits, the largest tensors of the step: prompts and padding need none.
         with torch.no_grad():
             logits = {k: m(input_ids, logits_at=at) for k, m in frozen.items()}  # (N, V) each
-        loss, parts = delta_kd_loss(student(input_ids, logits_at=at), target, logits.pop("teacher", None),
-                                    logits.pop("teacher_raw", None), logits.pop("student_raw", None), **loss_kwargs,
-                                    vocab_size=vocab_size, num_tokens=num_tokens, return_parts=True,
+        loss, parts = delta_kd_loss(student(input_ids, logits_at=at), target, logits.pop("t_ft", None),
+                                    logits.pop("t_raw", None), logits.pop("s_raw", None), **loss_kwargs,
+                                    target=pi, vocab_size=vocab_size, num_tokens=num_tokens, return_parts=True,
                                     positions=torch.arange(len(target), device=device))  # frozen logits freed here
         (loss * scale if scale != 1 else loss).backward()  # the loss scales its gradient in place: no second buffer
         for k, v in (("loss", loss.detach() * scale), ("sft", parts["sft"]), ("kd", parts["kd"])):
             stats[k] += v / world
     return stats
+
+
+def train_step(step, micro_batches, student, frozen, ppo, examples, args, ctx):
+    """Forward and backward of one optimizer step, by --loss: this rank's share of the logged values."""
+    if ppo:  # MiniLLM: a rollout phase when one begins, then one PPO minibatch and the SFT term
+        return ppo.step(step, micro_batches)
+    kd = dict(vocab_size=ctx["vocab_size"], device=ctx["device"], world=ctx["world"])
+    if ctx["cache"]:  # decoupled inference: pi* from targets.py's cache
+        return kd_backward(student, {}, micro_batches, loss_settings(args), **kd, cache=ctx["cache"])
+    if args.on_policy and random.Random(f"{args.seed}-{step}").random() < args.on_policy:
+        micro_batches, sampled = on_policy_batches(student, examples, micro_batches, step, args, ctx["stop_ids"],
+                                                   ctx["vocab_size"], ctx["rank"], ctx["world"], ctx["pad_id"])
+        parts = kd_backward(student, frozen, micro_batches, {**loss_settings(args), "lam": 0.0}, **kd,
+                            scale=1 - args.lam)
+        del parts["sft"]  # the SFT term counts data replies only: on this step, none
+        return {**parts, **{k: v / ctx["world"] for k, v in sampled.items()}}
+    return kd_backward(student, frozen, micro_batches, loss_settings(args), **kd)
 
 
 def all_reduced(parts, device):
@@ -261,6 +301,30 @@ def all_reduced(parts, device):
     dist.all_reduce(values)
     return on_device + on_host, values
 
+
+def log_record(step, total_steps, lr, grad_norm, stats, counts, seconds, steps, flops_per_token, world, args):
+    """metrics.jsonl's line for the steps since the last log: the losses and the other values (means per step), the
+    learning rate, the gradient norm, speed, ETA and, on a GPU, MFU and peak memory."""
+    summed = ("tokens", "gen_s", "gen_tokens")  # totals over the interval; the others are means per step
+    means = {k: (v / (1 if k in summed else counts[k])).item() for k, v in stats.items()}
+    record = {"step": step, **{k: means.pop(k) for k in ("loss", "sft", "kd") if k in means}, "lr": lr,
+              "grad_norm": grad_norm.item(), "tokens_per_s": means.pop("tokens") / seconds,
+              "eta_s": seconds / steps * (total_steps - step)}
+    if "gen_s" in means:  # time spent sampling rollouts or on-policy replies; reply tokens per second of it
+        gen_s, gen_tokens = means.pop("gen_s"), means.pop("gen_tokens")
+        record["gen_share"] = gen_s / seconds
+        if gen_s:  # a MiniLLM interval shorter than a phase may not sample
+            record["gen_tokens_per_s"] = gen_tokens / gen_s
+    record.update(means)
+    if torch.cuda.is_available():
+        record["mfu"] = flops_per_token * record["tokens_per_s"] / world / (args.peak_tflops * 1e12)
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # what tensors held
+        record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30  # with the cached blocks
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints: sharded (DCP) and resumable, each published whole by a rename; the final export in HF format
 
 def checkpoints(out):
     """Complete checkpoints, oldest first: a folder counts once it has been renamed from its .tmp name."""
@@ -277,9 +341,6 @@ def save_checkpoint(out, step, model, optimizer, batches, args, rank):
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)  # sharded: each rank writes its own part
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    # nothing in this loop draws random numbers; saved so that a fork adding dropout still resumes exactly
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, tmp / f"rng-rank{rank}.pt")
     dist.barrier()
     if rank == 0:
         state = {"step": step, "data": batches.state_dict(), "args": vars(args)}
@@ -294,19 +355,46 @@ def save_checkpoint(out, step, model, optimizer, batches, args, rank):
     dist.barrier()
 
 
-def load_checkpoint(path, model, optimizer, batches, rank):
+def resume(out, model, optimizer, batches, args, rank, log):
+    """The step to start from: the newest complete checkpoint's, loaded, or 0. Rank 0 decides, and every rank takes
+    the same branch, or the collectives below would hang."""
+    found = checkpoints(out) if rank == 0 else []
+    path = [found[-1] if found else None]
+    dist.broadcast_object_list(path, src=0)
+    if path[0] is None:
+        return 0
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path[0]))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = json.loads((path[0] / "trainer_state.json").read_text())
     batches.load_state_dict(state["data"])
-    rng = path / f"rng-rank{rank}.pt"
-    if rng.exists():  # absent when resuming on more processes than saved
-        rng = torch.load(rng)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return state
+    log(f"resuming from {path[0]} at step {state['step']}")
+    changed = {k: (v, vars(args)[k]) for k, v in state["args"].items() if vars(args).get(k, v) != v}
+    if changed:
+        log(f"warning: these arguments differ from the checkpoint's (saved, now): {changed}")
+    return state["step"]
+
+
+def export(out, student, dirs, compute_dtype, stop_ids, chats, rank):
+    """The final weights in Hugging Face format, gathered on rank 0 and written atomically."""
+    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        for name in full:  # one tensor at a time: never an fp32 and a bf16 copy of the whole model at once
+            full[name] = full[name].to(compute_dtype)
+        # trained on chats, the model ends its replies with <|im_end|>; exported so, as Qwen2.5-Instruct is
+        student.save_pretrained(out / "final", state_dict=full, tokenizer_dir=dirs["s_raw"],
+                                eos_token_id=stop_ids if chats else None)
+        print(f"wrote {out / 'final'}")
+    dist.barrier()
+
+
+def stop_on_nan(out, step, loss, grad_norm, log):
+    """A loss or gradient that is not finite: stop before it reaches the weights or a checkpoint."""
+    good = checkpoints(out)
+    log(f"error: step {step + 1}: loss {loss.item()}, gradient norm {grad_norm.item()}; stopping. Last good "
+        f"checkpoint: {good[-1] if good else 'none'}", file=sys.stderr)
+    dist.destroy_process_group()
+    sys.exit(1)
 
 
 def lr_at(step, args, total_steps):
@@ -318,185 +406,99 @@ def lr_at(step, args, total_steps):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+
 def main(argv=None):
     args = get_args(argv)
 
-    # --- everything that can be wrong with the command or the data, before any process group or weight
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    check_args(args, world)
-    dirs = {}
-    for name in ("model", "teacher", "teacher_raw"):
-        if getattr(args, name):
-            try:
-                dirs[name] = resolve_model_dir(getattr(args, name))  # a local folder, or a cached Hub download
-                Qwen2Config.from_json(dirs[name])
-                if not (name == "model" and args.random_init):
-                    checkpoint_shapes(dirs[name])  # the file headers only: a truncated download shows up here
-            except (OSError, ValueError) as e:
-                sys.exit(f"error: --{name.replace('_', '-')}: {e}")
-    tokenizer = load_tokenizer(dirs["model"])
+    # --- set-up: the command, models' folders and data checked before any process group or weight; then processes
+    dirs, tokenizer, examples, chats, cache = preflight(args)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    for name in ("teacher", "teacher_raw"):
-        if name in dirs and load_tokenizer(dirs[name]).get_vocab(True) != tokenizer.get_vocab(True):
-            sys.exit(f"error: --{name.replace('_', '-')} {getattr(args, name)} has a different tokenizer from "
-                     f"--model {args.model}: token-level KD compares distributions over the same ids")
-    try:
-        rows = load_rows(args.data, split=args.split, max_rows=args.max_rows, skip_bad=args.skip_bad_rows,
-                         holdout=args.holdout,
-                         fit=(tokenizer, args.max_len) if args.drop_long else None)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --data: {e}")  # data.py's message names the file and line
-    examples = build_examples(rows, tokenizer, args.max_len)
     pad_id = tokenizer.token_to_id("<|endoftext|>")
+    stop_ids = [tokenizer.token_to_id("<|im_end|>"), pad_id]
+    rank, world, device = parallel.start()  # torchrun's processes, or a world of one: the same path
+    check_same_data(examples, rank, world)
     batches = Batches(examples, args.batch_size, args.micro_batch_size, rank, world, args.seed, pad_id)
     total_steps = args.max_steps or math.ceil(args.epochs * len(batches))
-    # trained on chats, the model ends its replies with <|im_end|>; exported so, as Qwen2.5-Instruct is
-    stop_ids = [tokenizer.token_to_id("<|im_end|>"), pad_id]
-    chats = any("messages" in r for r in rows)
-
-    # --- processes: torchrun sets RANK and WORLD_SIZE; a plain `python train.py` is a world of one, on the same path
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    # rank 0 alone gathers and writes the final export while the others wait: give it an hour, not NCCL's 10 minutes
-    pg = dict(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=1),
-              device_id=device if cuda else None)
-    if "RANK" in os.environ:
-        dist.init_process_group(**pg)
-    else:
-        dist.init_process_group(**pg, store=dist.HashStore(), rank=0, world_size=1)
-    check_same_data(examples, rank, world)
     mesh = init_device_mesh(device.type, (world,))
-    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    compute_dtype = parallel.DTYPES[parallel.dtype_name(args.dtype)]
     log = print if rank == 0 else lambda *a, **k: None
     out = Path(args.out)
-    if args.random_init:  # rank 0 writes the initial weights once, so every rank and every rerun loads the same ones
-        if rank == 0 and not (out / "init").exists():
-            torch.manual_seed(args.seed)
-            init = Qwen2(Qwen2Config.from_json(dirs["model"]))
-            init.init_weights()
-            init.save_pretrained(out / "init", tokenizer_dir=dirs["model"])
-        dist.barrier()
-        dirs["model"] = out / "init"
+    if args.random_init:
+        dirs = random_init(out, dirs, args, rank)
 
-    # --- models
+    # --- build: every model on the meta device, sharded, then filled from its safetensors; resume or start
     student, frozen = build_models(dirs, args, mesh, compute_dtype)
     for m in frozen.values():
         load_weights(m, m.name_or_path)
-    optimizer = make_optimizer(student, args, fused=cuda)
-    ppo = MiniLLM(args, examples, student, frozen["teacher"], vocab_size, stop_ids, rank, world, device,
+    optimizer = make_optimizer(student, args, fused=device.type == "cuda")
+    ppo = MiniLLM(args, examples, student, frozen["t_ft"], vocab_size, stop_ids, rank, world, device,
                   pad_id) if args.loss == "minillm" else None
-
-    # rank 0 decides whether to resume: every rank must take the same branch, or the collectives below hang
-    found = checkpoints(out) if rank == 0 else []
-    resume = [found[-1] if found else None]
-    dist.broadcast_object_list(resume, src=0)
-    step = 0
-    if resume[0]:
-        state = load_checkpoint(resume[0], student, optimizer, batches, rank)
-        step = state["step"]
-        log(f"resuming from {resume[0]} at step {step}")
-        changed = {k: (v, vars(args)[k]) for k, v in state["args"].items() if vars(args).get(k, v) != v}
-        if changed:
-            log(f"warning: these arguments differ from the checkpoint's (saved, now): {changed}")
-    else:
-        load_weights(student, dirs["model"])
-
+    step = resume(out, student, optimizer, batches, args, rank, log)
+    if step == 0:
+        load_weights(student, dirs["s_raw"])
     n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in {"student": student, **frozen}.items()}
     log(json.dumps({"config": vars(args), "world_size": world, "device": str(device), "dtype": str(compute_dtype),
                     "vocab_size": vocab_size, "examples": len(examples), "steps_per_epoch": len(batches),
                     "total_steps": total_steps, "parameters": n_params}, indent=1))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    loss_kwargs = loss_settings(args)
-    flops_per_token = model_flops_per_token(n_params)
+    ctx = dict(vocab_size=vocab_size, device=device, rank=rank, world=world, stop_ids=stop_ids, pad_id=pad_id,
+               cache=cache)
 
-    # --- the loop
-    next_save = (step // args.save_every + 1) * args.save_every
+    # --- the loop: step, clip, stop on a NaN, optimizer, log, checkpoint; SIGTERM (what SLURM and Kubernetes send
+    # before a kill; torchrun passes it on and waits 30 s) finishes the step in hand, saves and stops every rank
+    next_save, sigterm, stopped = (step // args.save_every + 1) * args.save_every, [], False
+    signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
     stats, counts = {}, {}  # sums since the last log of this rank's shares; how many steps reported each value
     t_log, steps_since_log = time.perf_counter(), 0
-    while step < total_steps:
+    while step < total_steps and not stopped:
         for micro_batches in batches:  # one epoch; each item is one optimizer step
             lr = lr_at(step, args, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if ppo:  # MiniLLM: a rollout phase when one begins, then one PPO minibatch and the SFT term
-                parts = ppo.step(step, micro_batches)
-            elif args.on_policy and random.Random(f"{args.seed}-{step}").random() < args.on_policy:
-                micro_batches, sampled = on_policy_batches(student, examples, micro_batches, step, args, stop_ids,
-                                                           vocab_size, rank, world, pad_id)
-                parts = kd_backward(student, frozen, micro_batches, {**loss_kwargs, "lam": 0.0}, vocab_size,
-                                    device, world, scale=1 - args.lam)
-                del parts["sft"]  # the SFT term counts data replies only: on this step, none
-                parts.update({k: v / world for k, v in sampled.items()})
-            else:
-                parts = kd_backward(student, frozen, micro_batches, loss_kwargs, vocab_size, device, world)
-            names, reduced = all_reduced(parts, device)
+            parts = train_step(step, micro_batches, student, frozen, ppo, examples, args, ctx)
+            names, reduced = all_reduced({**parts, "sigterm": float(bool(sigterm))}, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            # the step's one host sync: a bad step must stop before it reaches the weights or a checkpoint
-            if not torch.isfinite(torch.cat([reduced, grad_norm.reshape(1)])).all():
-                good = checkpoints(out)
-                if rank == 0:
-                    print(f"error: step {step + 1}: loss {reduced[names.index('loss')].item()}, gradient norm "
-                          f"{grad_norm.item()}; "
-                          f"stopping. Last good checkpoint: {good[-1] if good else 'none'}", file=sys.stderr)
-                dist.destroy_process_group()
-                sys.exit(1)
+            # the step's one host sync: a bad step must stop before it reaches the weights or a checkpoint, and a
+            # SIGTERM on any rank stops them all after the same step
+            finite, stopped = torch.stack([torch.isfinite(torch.cat([reduced, grad_norm.reshape(1)])).all(),
+                                           reduced[names.index("sigterm")] > 0]).tolist()
+            if not finite:
+                stop_on_nan(out, step, reduced[names.index("loss")], grad_norm, log)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            stopped = stopped and (not ppo or step % ppo.steps_per_phase == 0)  # MiniLLM: at its phase's end
             for k, v in zip(names, reduced):
-                stats[k], counts[k] = stats.get(k, 0.0) + v, counts.get(k, 0) + 1
+                if k != "sigterm":
+                    stats[k], counts[k] = stats.get(k, 0.0) + v, counts.get(k, 0) + 1
             steps_since_log += 1
 
-            # --- log (the only place that reads values back to the host)
-            if step % args.log_every == 0 or step == total_steps:
-                dt = time.perf_counter() - t_log
-                summed = ("tokens", "gen_s", "gen_tokens")  # totals over the interval; the others are means per step
-                means = {k: (v / (1 if k in summed else counts[k])).item() for k, v in stats.items()}
-                record = {"step": step, **{k: means.pop(k) for k in ("loss", "sft", "kd") if k in means}, "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens_per_s": means.pop("tokens") / dt,
-                          "eta_s": dt / steps_since_log * (total_steps - step)}
-                if "gen_s" in means:  # time spent sampling rollouts or on-policy replies; reply tokens per second of it
-                    gen_s, gen_tokens = means.pop("gen_s"), means.pop("gen_tokens")
-                    record["gen_share"] = gen_s / dt
-                    if gen_s:  # a MiniLLM interval shorter than a phase may not sample
-                        record["gen_tokens_per_s"] = gen_tokens / gen_s
-                record.update(means)
-                if cuda:
-                    record["mfu"] = flops_per_token * record["tokens_per_s"] / world / (args.peak_tflops * 1e12)
-                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # what tensors held
-                    record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30  # with the cached blocks
+            if step % args.log_every == 0 or step == total_steps:  # the only place that reads values back to the host
+                record = log_record(step, total_steps, lr, grad_norm, stats, counts, time.perf_counter() - t_log,
+                                    steps_since_log, model_flops_per_token(n_params), world, args)
                 log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 if rank == 0:
                     with open(out / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
                 stats, counts = {}, {}
                 t_log, steps_since_log = time.perf_counter(), 0
-
-            # --- checkpoint
-            if step == total_steps or (step >= next_save and (not ppo or step % ppo.steps_per_phase == 0)):
+            if step == total_steps or stopped or (step >= next_save and (not ppo or step % ppo.steps_per_phase == 0)):
                 save_checkpoint(out, step, student, optimizer, batches, args, rank)
                 next_save = (step // args.save_every + 1) * args.save_every
-            if step == total_steps:
+            if stopped:
+                log(f"stopped by SIGTERM after step {step} of {total_steps}, saved in {checkpoints(out)[-1]}; the same "
+                    f"command resumes from there:\n  {' '.join(sys.argv)}", flush=True)
+            if step == total_steps or stopped:
                 break
 
-    # --- final export in Hugging Face format (gathered on rank 0, written atomically)
-    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        for name in full:  # one tensor at a time: never an fp32 and a bf16 copy of the whole model at once
-            full[name] = full[name].to(compute_dtype)
-        student.save_pretrained(out / "final", state_dict=full, tokenizer_dir=dirs["model"],
-                                eos_token_id=stop_ids if chats else None)
-        log(f"wrote {out / 'final'}")
-    dist.barrier()
-    # FSDP's hooks hold the models in reference cycles. Left to interpreter shutdown, their collection can race gloo's
-    # worker threads and abort ("terminate called without an active exception"): free them while all is alive.
-    del student, frozen, optimizer, full, ppo
-    gc.collect()
-    dist.destroy_process_group()
+    # --- export
+    if not stopped:
+        export(out, student, dirs, compute_dtype, stop_ids, chats, rank)
+    del student, frozen, optimizer, ppo  # before the group goes: FSDP's hooks hold the models in reference cycles
+    parallel.end()
 
 
 if __name__ == "__main__":

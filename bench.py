@@ -13,12 +13,16 @@ present, the GPU cases run too.
     python bench.py generate static vs continuous batching: decode-slot utilization, time per reply token, idle ranks,
                              host syncs per token (--json: a last line of JSON)
     python bench.py rouge    our ROUGE vs rouge-score on 6,000 pairs with stemming: time, identical values
+    python bench.py targets  a training step from targets.py's cache vs the online step, same micro-batches (--json:
+                             {"time_ratio", "memory_ratio"}; --run DIR: the cost of the top k with DIR's models)
 
 The last three live in bench_model.py; the instruments (host syncs, memory traffic, the memory estimate) in
 measure.py.
 """
 import argparse
+import contextlib
 import gc
+import io
 import json
 import statistics
 import subprocess
@@ -32,13 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data
-import train
 import bench_model
+import data
 import measure
-from deltakd import _CHUNK_BYTES, delta_kd_loss, delta_kd_loss_reference
-from measure import loss_passes, memory_args, memory_of_step, measured_step, private_torch, timed, train_step_syncs
-from model import Qwen2, Qwen2Config
+import parallel
+import train
+from deltakd import _CHUNK_BYTES, delta_kd_loss, delta_kd_loss_reference, delta_kd_target, topk_target
+from measure import (allocator_peak, loss_passes, memory_args, memory_of_step, measured_step, private_torch, timed,
+                     train_step_syncs)
+from model import Qwen2, Qwen2Config, load_weights
+
+REPO = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -372,10 +380,141 @@ def _gpu_variant(args, device, opts, estimate):
           f"({', '.join(f'{k} x{n}' for k, n in syncs.most_common()) or 'none'})")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# targets: a training step from targets.py's cache against the online step
+
+TARGET_KS = (8, 16, 32, 64, 128)
+PAPER_POSITIONS = 2e8  # UltraChat-200k's supervised reply positions, about (docs/scale.md)
+PAPER_PARAMS = {"student": 1.5e9, "t_ft": 7.6e9, "t_raw": 7.6e9, "s_raw": 1.5e9}  # Qwen2.5-1.5B and -7B
+
+
+def _targets_setup(work, k):
+    """reproduce.sh's toy shapes with random weights (a step's time and memory do not depend on them), 240 chats, and
+    a cache of pi* at alpha 1, top k: (online args, cached args)."""
+    subprocess.run([sys.executable, str(REPO / "toy.py"), "--out", str(work / "data"), "--n-train", "240",
+                    "--n-test", "2", "--n-corpus", "10"], check=True, capture_output=True)
+    shapes = dict(rope_theta=1e6, num_attention_heads=4, max_position_embeddings=512)
+    _train_model_dir(work / "teacher", Qwen2Config(vocab_size=784, hidden_size=128, intermediate_size=384,
+                                                   num_hidden_layers=4, num_key_value_heads=2, **shapes),
+                     work / "data", torch.float32)
+    _train_model_dir(work / "student", Qwen2Config(vocab_size=776, hidden_size=64, intermediate_size=192,
+                                                   num_hidden_layers=2, num_key_value_heads=1,
+                                                   tie_word_embeddings=True, **shapes), work / "data", torch.float32)
+    flags = ["--data", str(work / "data" / "train.jsonl"), "--max-len", "256"]
+    subprocess.run([sys.executable, str(REPO / "targets.py"), "--model", str(work / "student"), "--teacher",
+                    str(work / "teacher"), "--teacher-raw", str(work / "teacher"), *flags, "--top-k", str(k),
+                    "--micro-batch-size", "64", "--out", str(work / "cache")], check=True, capture_output=True)
+    common = ["--model", str(work / "student"), *flags, "--out", str(work / "run"), "--batch-size", "12",
+              "--micro-batch-size", "12"]
+    return (train.get_args(common + ["--teacher", str(work / "teacher"), "--teacher-raw", str(work / "teacher")]),
+            train.get_args(common + ["--targets", str(work / "cache")]))
+
+
+def _targets_steps(online, cached, steps):
+    """Each step's seconds and one step's peak memory (GiB: the weights and AdamW's state held, and the step's own
+    allocations) of each variant, on the same micro-batches, interleaved, in turn first."""
+    dirs, tokenizer, examples, _, cache = train.preflight(cached)
+    device = torch.device("cpu")
+    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (1,))
+    student, frozen = train.build_models({**dirs, "t_ft": online.teacher, "t_raw": online.teacher_raw}, online, mesh,
+                                         torch.float32)
+    for m in (student, *frozen.values()):
+        load_weights(m, m.name_or_path)
+    optimizer = train.make_optimizer(student, online, fused=False)
+    batches = iter(data.Batches(examples, 12, 12, pad_id=tokenizer.token_to_id("<|endoftext|>")))
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    variants = {"online": (frozen, train.loss_settings(online), None),
+                "cached": ({}, train.loss_settings(cached), cache)}
+    held = {"online": [*student.parameters(), *(p for m in frozen.values() for p in m.parameters())],
+            "cached": list(student.parameters())}
+    times, peaks = {name: [] for name in variants}, {}
+    for i in range(steps):
+        micro_batches = next(batches)
+        for name in (list(variants) if i % 2 else list(reversed(variants))):
+            models, settings, source = variants[name]
+
+            def step():
+                train.kd_backward(student, models, micro_batches, settings, vocab, device, 1, cache=source)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if i == 1:  # a first step of each has made AdamW's state and warmed the allocator
+                state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+                peaks[name] = allocator_peak(step, device)[1] + (sum(p.nbytes for p in held[name]) + state) / 2**30
+            times[name].append(timed(step, lambda: None))
+    return times, peaks
+
+
+def bench_targets(as_json=False, k=64, steps=8, run=None):
+    """train.py's Delta-KD step at the study's sizes, online (the frozen models built and run) and from targets.py's
+    cache (the student alone): the same micro-batches, interleaved, in one process. Then, at paper size, the frozen
+    forwards' share of a step (FLOP model) and the cache's storage; with run (a reproduce.sh toy folder), the cost of
+    keeping only the top k, from its trained models."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # train.py's preflight talks
+        online, cached = _targets_setup(Path(tmp), k)
+        parallel.start()
+        times, peaks = _targets_steps(online, cached, steps)
+        parallel.end()
+    median = {name: statistics.median(t[2:]) for name, t in times.items()}
+    ratio = {"time_ratio": median["cached"] / median["online"], "memory_ratio": peaks["cached"] / peaks["online"]}
+    print(f"targets: train.py's Delta-KD step at the study's sizes (reproduce.sh's toy models, 12 chats of up to 256 "
+          f"tokens in one micro-batch, fp32, CPU, {torch.get_num_threads()} threads), the same micro-batches "
+          f"interleaved, median of {steps - 2}:")
+    print(f"  online (three frozen models built and run)  {median['online'] * 1e3:7.1f} ms   peak "
+          f"{peaks['online'] * 1024:6.1f} MiB (weights, AdamW's state and the step's own)")
+    print(f"  from the cache (top {k}, the student alone)    {median['cached'] * 1e3:7.1f} ms   peak "
+          f"{peaks['cached'] * 1024:6.1f} MiB")
+    print(f"  time ratio {ratio['time_ratio']:.2f} (goal <= 0.5: {'met' if ratio['time_ratio'] <= 0.5 else 'NOT met'})"
+          f"   memory ratio {ratio['memory_ratio']:.2f}")
+    step_flops = 6 * PAPER_PARAMS["student"]
+    frozen_flops = 2 * sum(v for name, v in PAPER_PARAMS.items() if name != "student")
+    print(f"  at paper size (FLOP model, 6N for the trained student, 2N per frozen forward): the frozen forwards are "
+          f"{frozen_flops / 1e9:.1f} of {(frozen_flops + step_flops) / 1e9:.1f} GFLOP per token, "
+          f"{frozen_flops / (frozen_flops + step_flops):.0%} of a Delta-KD step; from the cache a step does "
+          f"{step_flops / (frozen_flops + step_flops):.2f}x the FLOPs")
+    print("  the cache: 8k + 4 bytes per position (ids int32, log-probs float32, the tail's log-mass); at paper size, "
+          f"{PAPER_POSITIONS:.0e} positions: " + ", ".join(f"k = {kk}: {(8 * kk + 4) * PAPER_POSITIONS / 1e9:.0f} GB"
+                                                            for kk in TARGET_KS)
+          + f", every id (151,665): {(8 * 151665 + 4) * PAPER_POSITIONS / 1e15:.0f} PB")
+    if run:
+        targets_exactness(Path(run))
+    if as_json:
+        print(json.dumps(ratio))
+    return ratio
+
+
+def targets_exactness(run, n=96, alpha=1.0):
+    """What keeping only the top k of pi* costs, from a reproduce.sh toy run's trained models (the student at its
+    start, s_raw): on the supervised positions of n training chats, pi*'s mass outside the top k (median and 99th
+    percentile) and the loss's and the gradient's relative error against the exact target (the first step's)."""
+    models = {name: Qwen2.from_pretrained(run / folder / "final", torch.float64) for name, folder in
+              (("t_ft", "teacher-ft"), ("t_raw", "teacher-raw"), ("s_raw", "student-raw"))}
+    tok = data.load_tokenizer(run / "student-raw" / "final")
+    rows = data.load_rows(run / "data" / "train.jsonl", max_rows=n)
+    batch = next(iter(data.Batches(data.build_examples(rows, tok, 256), n, n)))[0]
+    V, at = tok.get_vocab_size(with_added_tokens=True), batch["positions"]
+    labels = batch["labels"].flatten()[at + 1]
+    with torch.no_grad():
+        logits = {name: m(batch["input_ids"], logits_at=at)[:, :V] for name, m in models.items()}
+    log_target = delta_kd_target(logits["t_ft"], logits["t_raw"], logits["s_raw"], alpha, 1.0)
+    s = logits["s_raw"].clone().requires_grad_()
+    exact = delta_kd_loss(s, labels, logits["t_ft"], logits["t_raw"], logits["s_raw"], alpha=alpha)
+    (g_exact,) = torch.autograd.grad(exact, s)
+    print(f"  exactness against k, {run.name}'s models, alpha {alpha:g}, {len(at)} positions of {n} training chats, "
+          f"float64: | k | pi*'s mass outside, median / p99 | loss's relative error | first step's gradient's |")
+    for k in (*TARGET_KS, V):
+        kept = topk_target(log_target, k)
+        loss = delta_kd_loss(s, labels, target=kept)
+        (g,) = torch.autograd.grad(loss, s)
+        tail = kept.log_tail.exp()
+        print(f"    | {'all' if k == V else k} | {tail.median():.1e} / {tail.quantile(0.99):.1e} | "
+              f"{abs(loss / exact - 1):.1e} | {(g - g_exact).norm() / g_exact.norm():.1e} |")
+
+
 def main():
     benches = {"data": bench_data, "model": bench_model.bench_model, "loss": bench_loss,
                "rouge": bench_model.bench_rouge, "train": bench_train, "memory": measure.report_memory,
-               "generate": bench_model.bench_generate}
+               "generate": bench_model.bench_generate, "targets": bench_targets}
     if sys.argv[1:2] == ["loss-worker"]:  # bench_loss runs each variant in a fresh process
         return loss_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
     if sys.argv[1:2] == ["memory"]:  # takes train.py's arguments
@@ -387,10 +526,13 @@ def main():
                         help="benchmarks to run (default: all)")
     parser.add_argument("--json", action="store_true",
                         help="generate: end with one line of JSON, {\"utilization\": {\"static\", \"continuous\"}} at "
-                             "batch 32 and the other numbers")
+                             "batch 32 and the other numbers; targets: {\"time_ratio\", \"memory_ratio\"}")
+    parser.add_argument("--run", metavar="DIR",
+                        help="targets: also the cost of keeping pi*'s top k, from this reproduce.sh toy run's models")
     args = parser.parse_args()
     for name in args.which:
-        benches[name](**({"as_json": args.json} if name == "generate" else {}))
+        benches[name](**({"as_json": args.json} if name in ("generate", "targets") else {}),
+                      **({"run": args.run} if name == "targets" else {}))
         print()
 
 

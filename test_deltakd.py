@@ -41,6 +41,7 @@ import diagnose
 import evaluate
 import minillm
 import parallel
+import targets
 import toy
 import train
 from deltakd import delta_kd_loss, delta_kd_loss_reference, delta_kd_target, topk_target
@@ -2043,6 +2044,41 @@ def test_toy_premise_regime_says_the_same_content_in_two_styles():
     assert toy.corpus(2000, seed=2, regime="premise") != corpus  # without the exclusion, test problems come up
 
 
+def test_toy_student_knows_keeps_the_facts_where_the_regime_says():
+    """student-knows: no corpus, SFT or training chat holds a test problem; the raw teacher's corpus and the teacher's
+    SFT data never name a student-only good, and the training chats name the covered ones and never the uncovered;
+    the raw student's corpus states every price; the test's kinds, facts and the gate's two styles agree."""
+    files = toy.student_knows(n_train=400, n_test=40, n_corpus=3000, seed=3)
+    market = toy.market(3)
+    kinds = {kind: {g for g, (_, k) in market.items() if k == kind} for kind in ("shared", "covered", "uncovered")}
+    plural = dict(toy.GOODS)
+
+    def named(rows, goods):
+        text = "\n".join(json.dumps(r) for r in rows)
+        return {g for g in goods if re.search(rf"\b({g}|{plural[g]})\b", text)}
+    questions = {r["messages"][0]["content"] for r in files["test"]}
+    for name in ("corpus", "corpus-teacher"):
+        assert not any(q in r["text"] for r in files[name] for q in questions), name
+    for name in ("train", "sft"):
+        assert not questions & {r["messages"][0]["content"] for r in files[name]}, name
+    assert named(files["corpus-teacher"], kinds["covered"] | kinds["uncovered"]) == set()
+    assert named(files["sft"], kinds["covered"] | kinds["uncovered"]) == set()
+    assert named(files["train"], kinds["uncovered"]) == set() and named(files["train"], kinds["covered"])
+    stated = {(m.group(1), int(m.group(2))) for r in files["corpus"]
+              for m in re.finditer(r"an? (\w+) costs (\d+) dollars", r["text"])}
+    assert stated == {(g, p) for g, (p, _) in market.items()}  # every price, and only the right one
+    assert [r["kind"] for r in files["test"]].count("covered") == 14 and {r["kind"] for r in files["test"]} == {
+        "covered", "uncovered", "shared", "none"}
+    for r in files["test"]:
+        assert all(market[g] == (p, r["kind"]) for g, p in r["facts"].items()), r
+        assert sorted(map(int, toy.FACT.findall(r["messages"][1]["content"]))) == sorted(r["facts"].values())
+    assert [r["id"] for r in files["test-facts"]] == [r["id"] for r in files["test"]
+                                                      if r["kind"] in ("covered", "uncovered")]
+    for b, a in zip(files["test-facts"], files["test-facts-style-a"]):
+        assert toy.FACT.findall(a["messages"][1]["content"]) == toy.FACT.findall(b["messages"][1]["content"])
+        assert "Step 1:" in b["messages"][1]["content"] and "Step" not in a["messages"][1]["content"]
+
+
 def test_data_reference_template_copy_is_current():
     shared = REPO.parent / "shared" / "reference" / "qwen2.5_chat_template.jinja"
     if not shared.exists():
@@ -3742,11 +3778,14 @@ def _diag_oracle(env, alphas):
                 "alphas": [{"alpha": a, "accuracy": mean((s.argmax(-1) == gold).double()),
                             "kl_to_teacher": mean(kl(s, p["t_ft"])), "kl_to_raw_student": mean(kl(s, p["s_raw"])),
                             "accuracy_on_raw_student_only_errors":
-                                ((s.argmax(-1) == gold) & mask & student_only).sum().item() / only if only else None}
+                                ((s.argmax(-1) == gold) & mask & student_only).sum().item() / only if only else None,
+                            "fixes": mean((~right["t_ft"] & (s.argmax(-1) == gold)).double()),
+                            "breaks": mean((right["t_ft"] & (s.argmax(-1) != gold)).double())}
                            for a, s in zip(alphas, stars)]}
     everything = torch.ones_like(unmoved)
+    tails = [{k: s.sort(-1, descending=True).values[:, k:].sum(-1) for k in diagnose.TAIL_K} for s in stars]
     return (summary(everything), summary(unmoved), {k: summary(classes == i) for i, k in enumerate(diagnose.CLASSES)},
-            logits, gold)
+            logits, gold, tails)
 
 
 def _diag_flat(record, path=""):
@@ -3769,8 +3808,15 @@ def _diag_same(got, want, rel=2e-5):
 def test_diagnose_matches_float64_formulas_and_the_loss(_diag_env, tmp_path, capsys):
     alphas = [0.0, 0.5, 1.0]
     got = _diag_run(_diag_env, tmp_path / "d")
-    everything, unmoved, classes, logits, gold = _diag_oracle(_diag_env, alphas)
+    everything, unmoved, classes, logits, gold, tails = _diag_oracle(_diag_env, alphas)
     _diag_same(got, everything)
+    # pi*'s mass outside its top k: each median and 99th percentile is the upper edge of the 1.05-wide bin that the
+    # float64 order statistic falls in
+    for record, oracle in zip(got["tail_mass"], tails):
+        for k, masses in oracle.items():
+            for q, p in (("median", 0.5), ("p99", 0.99)):
+                truth, edge = masses.sort().values[math.ceil(p * len(masses)) - 1].item(), record[str(k)][q]
+                assert (truth < 1e-12) if edge == 0 else (edge / 1.06 < truth <= edge * 1.01), (k, q, truth, edge)
     _diag_same(got["unmoved"], unmoved)
     for name, want in classes.items():
         _diag_same(got["classes"][name], want)
@@ -3791,6 +3837,11 @@ def test_diagnose_matches_float64_formulas_and_the_loss(_diag_env, tmp_path, cap
     text = capsys.readouterr().out
     assert "expect Delta-KD to inherit the raw student's mistakes there" in text
     assert (tmp_path / "d" / "diagnose.md").read_text() in text
+    # fixes and breaks where the fine-tuned teacher errs (here it never does): the noisier teacher in its place
+    swapped = {**_diag_env, "t_ft": _diag_env["t_raw"], "t_raw": _diag_env["t_ft"]}
+    got = _diag_run(swapped, tmp_path / "swapped", alphas="0,0.5,1")
+    _diag_same(got, _diag_oracle(swapped, alphas)[0])
+    assert got["alphas"][1]["fixes"] > 0 and all(a["breaks"] > 0.01 for a in got["alphas"][1:])  # it can tell
 
 
 def test_diagnose_identities_and_two_processes(_diag_env, tmp_path):
@@ -3897,16 +3948,19 @@ def _repro_students(trains):
             if Path(a.out).name not in ("teacher-raw", "student-raw", "teacher-ft")}
 
 
-TOY_STUDENTS = {"sft": ("sft", 1.0, 0.0), "fkl": ("fkl", 1.0, 0.0), "rkl": ("rkl", 1.0, 0.0),
-                "seqkd": ("sft", 1.0, 0.0), "minillm": ("minillm", 1.0, 0.0), "deltakd": ("deltakd", 1.0, 0.0),
-                "deltakd-alpha0": ("deltakd", 0.0, 0.0), "deltakd-onpolicy": ("deltakd", 1.0, 0.5)}
+TOY_STUDENTS = {"sft": ("sft", None, 0.0), "fkl": ("fkl", None, 0.0), "rkl": ("rkl", None, 0.0),  # (loss, alpha,
+                "seqkd": ("sft", None, 0.0), "minillm": ("minillm", None, 0.0),  # on-policy): alpha for deltakd
+                "deltakd": ("deltakd", 1.0, 0.0), "deltakd-alpha0": ("deltakd", 0.0, 0.0),
+                "deltakd-onpolicy": ("deltakd", 1.0, 0.5)}
 STUDY_STUDENTS = {**{k: v for k, v in TOY_STUDENTS.items() if k != "deltakd-alpha0"},
-                  **{f"deltakd-alpha{a}": ("deltakd", a, 0.0) for a in (0.25, 0.5, 0.75)}}
+                  **{f"deltakd-alpha{a}": ("deltakd", a, 0.0) for a in (0.25, 0.5, 0.75)},
+                  "deltakd-online": ("deltakd", 1.0, 0.0)}
 
 
 @pytest.mark.parametrize("args,env", [
     (["--dry-run"], {}),
     (["toy", "--quick", "--regime", "premise", "--dry-run"], {}),
+    (["toy", "--regime", "student-knows", "--dry-run"], {}),
     (["study", "--dry-run"], {"SEEDS": "3"}),
     (["study", "--quick", "--regime=knowledge", "--dry-run"], {}),
     (["paper", "--dry-run"], {}),
@@ -3914,10 +3968,11 @@ STUDY_STUDENTS = {**{k: v for k, v in TOY_STUDENTS.items() if k != "deltakd-alph
 ])
 def test_reproduce_dry_run_commands_parse(args, env):
     stdout = _repro(*args, env=env)
-    runs = re.split(r"^# reproduce\.sh .*: writing to .*$", stdout, flags=re.M)[1:]  # a study runs both regimes
-    regimes = re.findall(r"^# reproduce\.sh toy, (\w+) regime", stdout, flags=re.M)
-    assert regimes == (["knowledge", "premise"] if args == ["study", "--dry-run"] else ["premise"] if "premise" in args
-                       else [] if "paper" in args else ["knowledge"])
+    runs = re.split(r"^# reproduce\.sh .*: writing to .*$", stdout, flags=re.M)[1:]  # a study runs every regime
+    regimes = re.findall(r"^# reproduce\.sh toy, ([\w-]+) regime", stdout, flags=re.M)
+    assert regimes == (["knowledge", "premise", "student-knows"] if args == ["study", "--dry-run"] else
+                       [args[args.index("--regime") + 1]] if "--regime" in args else [] if "paper" in args else
+                       ["knowledge"])
     for run, regime in itertools.zip_longest(runs, regimes):
         _repro_check_dry_run(run, args, env, regime)
 
@@ -3926,13 +3981,32 @@ def _repro_check_dry_run(stdout, args, env, regime):
     trains = [train.get_args(argv) for argv in _repro_commands(stdout, "train.py")]  # argparse exits on any error
     evals = [evaluate.get_args(argv) for argv in _repro_commands(stdout, "evaluate.py")]
     diagnoses = [diagnose.get_args(argv) for argv in _repro_commands(stdout, "diagnose.py")]
+    caches = {a.out: a for a in map(targets.get_args, _repro_commands(stdout, "targets.py"))}
     students = _repro_students(trains)
     seeds = int(env.get("SEEDS", 2 if "--quick" in args else 5)) if "study" in args else 1
     expected = {(name, 0): how for name, how in TOY_STUDENTS.items()}
     if "study" in args:
         expected |= {(name, seed): how for name, how in STUDY_STUDENTS.items() for seed in range(seeds)}
-    assert {key: (a.loss, a.alpha, a.on_policy) for key, a in students.items()} == expected
+
+    def alpha(a):  # Delta-KD's, given or its cache's
+        return None if a.loss != "deltakd" else caches[a.targets].alpha if a.targets else a.alpha
+    assert {key: (a.loss, alpha(a), a.on_policy) for key, a in students.items()} == expected
     assert len(trains) == len(students) + (1 if "paper" in args else 3)  # each step printed once
+    # the study and the paper: the off-policy FKL and Delta-KD students read one cache of pi* per alpha, made after
+    # the teacher's SFT and before the first student, on the students' data; the online check and the rest do not
+    cached = {key: a for key, a in students.items() if a.targets}
+    assert {name for name, _ in cached} == ({"fkl", "deltakd", "deltakd-alpha0"} | (
+        {f"deltakd-alpha{x}" for x in (0.25, 0.5, 0.75)} if "study" in args else set())
+        if "study" in args or "paper" in args else set())
+    assert {a.targets for a in cached.values()} == set(caches)
+    for (name, _), a in cached.items():
+        made = caches[a.targets]
+        assert (a.teacher, a.teacher_raw, made.top_k, made.temperature) == (None, None, 64, 1.0)
+        assert [getattr(made, k) for k in targets.DATA_FLAGS] == [getattr(a, k) for k in targets.DATA_FLAGS]
+        assert (made.model, made.teacher_raw) == ((None, None) if made.alpha == 0 else (a.model, students[
+            "deltakd-onpolicy", 0].teacher_raw)) and Path(made.teacher).parent.name == "teacher-ft"
+        assert stdout.index(f"--out {Path(made.teacher).parent}\n") < stdout.index(f"--out {made.out}\n") < \
+            stdout.index(f"--out {a.out}\n")
     # one optimizer and one step budget for every student; MiniLLM's rollouts as its public script
     budget = {(a.max_steps, a.batch_size, a.lr, a.min_lr, a.warmup_steps, a.max_len) for a in students.values()}
     assert len(budget) == 1
@@ -3950,11 +4024,15 @@ def _repro_check_dry_run(stdout, args, env, regime):
          for name in ("fkl", "deltakd") if "study" in args]
     assert all(stdout.index(f"--out {e.out}\n") > stdout.index(f"--out {students[name, 0].out}\n")
                for e, name in zip(by_class, ("fkl", "deltakd")))
+    facts = [d for d in diagnoses if Path(d.out).name.startswith("gate-facts")]
+    diagnoses = [d for d in diagnoses if d not in facts]
     assert len(diagnoses) == 1 + (regime == "premise")
+    assert {d.mark.pattern if d.mark else None for d in (*diagnoses, *facts, *by_class)} == \
+        {r"costs (\d+) dollars" if regime == "student-knows" else None}
     diag = diagnoses[-1]
-    # the SFT students need no teacher: except in the premise regime, they train beside the pre-training
+    # the SFT students need no teacher: in the knowledge regime and the paper's run, they train before it is made
     first_student = min(stdout.index(f"--out {a.out}\n") for (name, _), a in students.items()
-                        if name != "sft" or regime == "premise")
+                        if name != "sft" or regime in ("premise", "student-knows"))
     raw = ("Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-7B") if "paper" in args else \
         tuple(str(Path(students["sft", 0].out).parent / f"{who}-raw/final") for who in ("student", "teacher"))
     assert (diag.model, Path(diag.teacher).parent.name, diag.teacher_raw) == (raw[0], "teacher-ft", raw[1])
@@ -3970,6 +4048,20 @@ def _repro_check_dry_run(stdout, args, env, regime):
             first_student and re.search(r"report\.py \S+ --gate 0\.02$" if "--quick" not in args else "--gate 1$",
                                         stdout, re.M)
         assert re.search(r"toy\.py .*--regime premise", stdout)
+    if regime == "student-knows":  # the gate after the teacher's SFT: the three models, at the student-only prices
+        assert [(Path(d.data).name, d.model, d.teacher, d.teacher_raw) for d in facts] == [
+            (name, diag.model, diag.teacher, diag.teacher_raw) for name in ("test-facts.jsonl",
+                                                                            "test-facts-style-a.jsonl")]
+        assert stdout.index(f"--out {Path(diag.teacher).parent}\n") < stdout.index(f"--out {facts[-1].out}\n") < \
+            stdout.index("report.py") < first_student
+        assert re.search(r"report\.py \S+ --gate-facts " + (r"0\\,1$" if "--quick" in args else r"0\.8\\,0\.3$"),
+                         stdout, re.M)
+        runs = {Path(a.out).name: a for a in trains}
+        assert (runs["teacher-raw"].data.endswith("corpus-teacher.jsonl"), runs["student-raw"].data.endswith(
+            "corpus.jsonl"), runs["teacher-ft"].data.endswith("sft.jsonl")) == (True, True, True)
+        assert all(a.data.endswith("train.jsonl") for (name, _), a in students.items() if name != "seqkd")
+    else:
+        assert not facts
     # the SeqKD answers, the teacher, the raw student, and every student once
     assert len(evals) == 1 + 2 + len(students)
     assert len({(e.data, e.split, e.holdout, e.max_len, e.max_new_tokens, e.max_examples) for e in scored}) == 1
@@ -3997,7 +4089,7 @@ def test_reproduce_bad_arguments():
         result = subprocess.run(["bash", str(REPO / "reproduce.sh"), *args, "--dry-run"], capture_output=True,
                                 text=True, env={**os.environ, "PYTHON": sys.executable})
         assert result.returncode == 2 and ("study" in result.stderr if "study" in args else
-                                           "--regime is knowledge or premise" in result.stderr), args
+                                           "--regime is knowledge, premise or student-knows" in result.stderr), args
 
 
 def _repro_table(path):  # the file's first table, which opens it
@@ -4014,28 +4106,60 @@ def _rows(table):  # a Markdown table's rows by their first cell
     return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
 
 
+def test_report_gates_pass_and_fail(tmp_path):
+    """report.py's two gates on diagnose.json files as diagnose.py writes them: the premise regime's (the raw student
+    within POINTS of the raw teacher) and the student-knows regime's (at the marked prices, the raw student right at
+    least LEAST of the time, both teachers at most MOST); each exits 1, saying why, when its premise fails."""
+    def gate(s_raw, t_raw, t_ft=None, folder="gate"):
+        c = {"positions": 40, "examples": 8, "accuracy": {"s_raw": s_raw, "t_raw": t_raw, "t_ft": t_ft}}
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / "diagnose.json").write_text(json.dumps({**c, "classes": {"marked": c}}))
+
+    def report(*args):
+        return subprocess.run([sys.executable, str(REPO / "report.py"), str(tmp_path), *args], capture_output=True,
+                              text=True)
+    gate(0.985, 1.0)
+    assert report("--gate", "0.02").returncode == 0 and report("--gate", "0.01").returncode == 1
+    assert "FAILED" in report("--gate", "0.01").stderr
+    gate(0.9, 0.1, 0.2, "gate-facts")
+    gate(0.95, 0.1, 0.1, "gate-facts-style-a")
+    passed = report("--gate-facts", "0.8,0.3")
+    assert passed.returncode == 0 and "| the SFT style (B) | 90.0% | 10.0% | 20.0% |" in passed.stdout
+    assert "| the pre-training style (A) | 95.0% | 10.0% | 10.0% |" in passed.stdout
+    for least, most in (("0.95", "0.3"), ("0.8", "0.15")):
+        failed = report("--gate-facts", f"{least},{most}")
+        assert failed.returncode == 1 and "The gate FAILED" in failed.stderr, (least, most)
+
+
 def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
-    """The premise regime's study at the size that checks the pipeline: data, pre-training, the gate, the teacher's
-    SFT, the diagnostic, every student over two seeds, the tables; then a rerun."""
+    """The student-knows regime's study at the size that checks the pipeline: data, pre-training, the teacher's SFT,
+    the gate, the diagnostic, the caches of pi*, every student over two seeds, the tables; then a rerun. (The other
+    regimes run the same steps but for their gates and data: test_report_gates_pass_and_fail and the dry runs.)"""
     out = tmp_path / "toy-study"
     env = {"OUT": str(out), "SEEDS": "2"}
-    first = _repro("study", "--quick", "--regime", "premise", env=env, timeout=1200)
+    first = _repro("study", "--quick", "--regime", "student-knows", env=env, timeout=1200)
     # the gate passed before any student trained, and the diagnostic ran on the style-B test replies
     students = [line for line in first.splitlines() if line.startswith("+") and "train.py" in line
                 and not re.search(r"--out \S+/(teacher-raw|student-raw|teacher-ft)$", line)]
     assert first.index("The gate passed") < first.index(students[0])
-    gate, diagnosis = (json.loads((out / d / "diagnose.json").read_text()) for d in ("gate", "diagnose"))
-    assert gate["data"].endswith("test-style-a.jsonl") and gate["models"]["t_ft"] == gate["models"]["t_raw"]
-    assert set(diagnosis) >= {"positions", "accuracy", "unmoved_share", "raw_student_only_errors", "alphas"}
+    gate, diagnosis = (json.loads((out / d / "diagnose.json").read_text()) for d in ("gate-facts", "diagnose"))
+    assert gate["data"].endswith("test-facts.jsonl") and gate["models"]["t_ft"] != gate["models"]["t_raw"]
+    assert gate["classes"]["marked"]["positions"] >= 6  # the prices that the eight test problems state
+    assert set(diagnosis) >= {"positions", "accuracy", "unmoved_share", "raw_student_only_errors", "alphas",
+                              "tail_mass"}
     assert [a["alpha"] for a in diagnosis["alphas"]] == [0, 0.25, 0.5, 0.75, 1]
     assert set(diagnosis["alphas"][0]) == {"alpha", "accuracy", "kl_to_teacher", "kl_to_raw_student",
-                                           "accuracy_on_raw_student_only_errors"}
+                                           "accuracy_on_raw_student_only_errors", "fixes", "breaks"}
+    # one cache of pi* per alpha, made once, every shard out
+    for alpha in ("0", "0.25", "0.5", "0.75", "1"):
+        made = json.loads((out / "targets" / f"alpha{alpha}" / "targets.json").read_text())
+        assert made["alpha"] == float(alpha) and (out / "targets" / f"alpha{alpha}" / "complete.json").exists()
     # seed 0 as the toy's table: one run of each method, the same step budget for every student
     table = _repro_table(out / "results-seed0.md")
     assert list(table) == ["Teacher (SFT)", "Student (raw)", "SFT", "FKL", "RKL", "SeqKD", "MiniLLM", "Delta-KD",
-                           "Delta-KD, alpha=0", "Delta-KD, on-policy (extension)"]
-    for (method, (r1, r2, rl, *values, _)), name in zip(table.items(),
-                                                        ["teacher-ft", "student-raw", *TOY_STUDENTS]):
+                           "Delta-KD, alpha=0", "Delta-KD, on-policy (extension)", "Delta-KD, frozen models online"]
+    for (method, (r1, r2, rl, *values, _)), name in zip(table.items(), ["teacher-ft", "student-raw", *TOY_STUDENTS,
+                                                                        "deltakd-online"], strict=True):
         rows = [json.loads(line) for line in (out / "eval" / name / "predictions.jsonl").read_text().split("\n")
                 if line]
         scores = [_eval_scorer(True).score(r["reference"], r["prediction"]) for r in rows]
@@ -4048,7 +4172,7 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     notes = (out / "results-seed0.md").read_text()
     assert "pre-training (corpus) loss" in notes and "sampled replies in all" in notes
     assert "The gate, before any student trained" in notes and (out / "diagnose/diagnose.md").read_text() in notes
-    # alpha = 0 is forward KL, bit for bit: the same weights, so the same replies
+    # alpha = 0 is forward KL, bit for bit, read from the same cache: the same weights, so the same replies
     assert (out / "fkl/final/model.safetensors").read_bytes() == \
         (out / "deltakd-alpha0/final/model.safetensors").read_bytes()
     assert table["FKL"] == table["Delta-KD, alpha=0"]
@@ -4063,7 +4187,12 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     rows = _repro_table(out / "results.md")
     assert "pre-training (corpus) loss" in (out / "results.md").read_text()
     by_class = _repro_table_after(out / "results.md", "Where the students err")
-    assert list(by_class) == ["all", "number", "copied", "word", "format"]
+    assert list(by_class) == ["all", "number", "copied", "word", "format", "marked"]
+    kinds = _repro_table_after(out / "results.md", "By the kind of test problem")
+    assert list(kinds) == list(rows)[2:]
+    assert all(len(row) == 12 for row in kinds.values()) and kinds["FKL"][1] == ""  # FKL's own difference: none
+    assert re.search(r"Delta-KD from its cache minus Delta-KD with the frozen models online, paired by seed: R-L "
+                     r"[-+]\d\.\d{4} ± \d\.\d{4}", (out / "results.md").read_text())
     diagnosis = json.loads((out / "diagnose/diagnose.json").read_text())
     for name, column in (("fkl", 4), ("deltakd", 5)):  # each student's accuracy, as its own diagnostic measured it
         measured = json.loads((out / "students-by-class" / name / "diagnose.json").read_text())
@@ -4079,15 +4208,15 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     except ImportError:
         assert "pip install matplotlib" in first
     times = json.loads((out / "times.json").read_text())
-    assert set(times["stages"]) == {"data", "pre-training", "gate", "teacher SFT", "diagnostic", "students",
-                                    "study"} and times["total"] > 0
+    assert set(times["stages"]) == {"data", "pre-training", "gate", "teacher SFT", "diagnostic", "targets",
+                                    "students", "study"} and times["total"] > 0
     # A rerun reuses every finished step and writes the same tables; one run deleted is made again, bit for bit (FKL
     # of seed 1: it enters every paired difference).
     tables = {p: p.read_text() for p in (out / "results.md", out / "results-seed0.md", out / "results.json")}
     weights = (out / "seed1/fkl/final/model.safetensors").read_bytes()
     shutil.rmtree(out / "seed1/fkl")
     shutil.rmtree(out / "seed1/eval/fkl")
-    again = _repro("study", "--quick", "--regime", "premise", env=env, timeout=300)
+    again = _repro("study", "--quick", "--regime", "student-knows", env=env, timeout=300)
     assert [argv[-1] for argv in _repro_commands(again, "train.py")] == [str(out / "seed1/fkl")]
     assert [argv[-1] for argv in _repro_commands(again, "evaluate.py")] == [str(out / "seed1/eval/fkl")]
     assert (out / "seed1/fkl/final/model.safetensors").read_bytes() == weights

@@ -136,6 +136,9 @@ def _log_probs(logits, temperature):
     return F.log_softmax(logits.to(dtype) / temperature, dim=-1).clamp_(min=_LOG_ZERO)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The target written once (decoupled inference): pi*'s top k and one tail bucket, (7) and (8)
+
 class TopK(NamedTuple):
     """pi* kept at N positions (7): the k most likely ids (N, k), their log pi* (N, k), and log_tail (N,), log r, the
     log of pi*'s mass outside them (_LOG_ZERO where every id is kept)."""
@@ -148,8 +151,8 @@ def topk_target(log_target, k):
     """(7) pi* kept as its k most likely ids, from log pi* (N, V) over the whole vocabulary: a TopK. k >= V keeps
     every id, and the loss on it is the loss on the full target."""
     log_probs, ids = log_target.topk(min(k, log_target.size(-1)), dim=-1)  # (N, k) each, the most likely first
-    rest = log_target.scatter(-1, ids, float("-inf"))  # (N, V): the tail alone, whose log-mass is summed, not taken
-    log_tail = torch.logsumexp(rest, dim=-1).clamp(min=_LOG_ZERO)  # as log(1 - kept), which cancels near 1
+    rest = log_target.scatter(-1, ids, float("-inf"))  # (N, V): the tail alone
+    log_tail = torch.logsumexp(rest, dim=-1).clamp(min=_LOG_ZERO)  # its mass summed: 1 - kept would cancel near 1
     return TopK(ids, log_probs, log_tail)
 
 

@@ -62,6 +62,14 @@ MUTANTS = [
            "real = torch.ones(chunk, device=s.device, dtype=dtype)", "test_loss_fused_chunks"),
     Mutant("positions-unflattened-without-strides", "deltakd.py", "out.append(flat // stride % size)",
            "out.append(flat % size)", "test_loss_given_positions"),
+    # --- deltakd.py: the loss on a cached target (the top k and a tail bucket)
+    Mutant("tail-bucket-not-renormalised", "deltakd.py", "tail = log_q + (log_tail[:, None] - log_Q)",
+           "tail = log_q + log_tail[:, None]", "test_loss_on_a_cached_target"),
+    Mutant("tail-mass-includes-the-kept-ids", "deltakd.py", 'rest = log_target.scatter(-1, ids, float("-inf"))',
+           "rest = log_target", "test_loss_topk_target or test_loss_tail_bucket"),
+    Mutant("cached-target-ignored", "deltakd.py",
+           "log_p = _bucket_target(log_q, *target)  # (7) log pi~", "log_p = log_q  # (7) log pi~",
+           "test_loss_on_a_cached_target"),
     Mutant("backward-ignores-the-incoming-gradient", "deltakd.py", "grad.data.mul_(grad_loss)", "grad.data.mul_(1)",
            "test_loss_backward_scales or test_loss_scaled_backward"),
     # --- model.py: Qwen2
@@ -184,6 +192,32 @@ MUTANTS = [
            "test_diagnose_matches_float64"),
     Mutant("diagnose-one-process-share-only", "diagnose.py", "    dist.all_reduce(sums)\n", "\n",
            "test_diagnose_identities_and_two_processes"),
+    Mutant("diagnose-fixes-where-the-teacher-is-right", "diagnose.py", "ok & ~t_ok, ~ok & t_ok",
+           "ok & t_ok, ~ok & t_ok", "test_diagnose_matches_float64"),
+    Mutant("diagnose-tail-one-rank-early", "diagnose.py", "log_tail = rest[:, k] / math.log(10)",
+           "log_tail = rest[:, k - 1] / math.log(10)", "test_diagnose_matches_float64"),
+    Mutant("diagnose-mark-ignored", "diagnose.py", "                classes[i] = len(CLASSES)\n", "\n",
+           "test_diagnose_token_classes"),
+    # --- targets.py and train.py --targets: decoupled inference
+    Mutant("cache-rows-of-another-example", "targets.py", "shard, first, n = self.where[self.keys[e]]",
+           "shard, first, n = self.where[self.keys[0]]", "test_targets_training_from_an_exact_cache"),
+    Mutant("cache-rows-in-micro-batch-order", "targets.py", "mine = torch.from_numpy(np.flatnonzero(rows_of == row))",
+           "mine = torch.from_numpy(np.flatnonzero(rows_of == 0))", "test_targets_cache_holds"),
+    Mutant("cache-alpha-not-checked", "train.py", "if mine is not None and mine != cache.settings[flag]:",
+           "if False:", "test_targets_refusals"),
+    Mutant("cache-missing-examples-not-checked", "targets.py", "        if missing:\n", "        if False:\n",
+           "test_targets_refusals"),
+    Mutant("rerun-with-other-settings-not-refused", "targets.py", "    if key:\n        sys.exit(", "    if False:\n"
+           "        sys.exit(", "test_targets_refusals"),
+    Mutant("sigterm-ignored-by-train", "train.py", '"sigterm": float(bool(sigterm))', '"sigterm": 0.0',
+           "test_targets_stopped_by_sigterm"),
+    Mutant("sigterm-stops-without-saving", "train.py", "if step == total_steps or stopped or (step >= next_save",
+           "if step == total_steps or (step >= next_save", "test_targets_stopped_by_sigterm"),
+    # --- toy.py: the student-knows regime keeps the raw teacher from the student-only facts
+    Mutant("teacher-corpus-knows-every-price", "toy.py", '[g for g, (_, k) in kinds.items() if k == "shared"]',
+           "list(prices)", "test_toy_student_knows"),
+    Mutant("uncovered-goods-in-the-training-chats", "toy.py", '{"none": 0.6, "shared": 0.2, "covered": 0.2}',
+           '{"none": 0.6, "shared": 0.2, "uncovered": 0.2}', "test_toy_student_knows"),
 ]
 
 

@@ -168,15 +168,14 @@ def fact_gate_numbers(out):
 def fact_scores(out, name, seed=0):
     """{kind: {rougeL, answer, facts}} of a student-knows run's replies, by the kind of their test problem: the mean
     stemmed R-L, the share of right final answers, and the share of the problem's prices that the reply states
-    right ("At the market, a lamp costs 7 dollars."), None where the kind has none."""
+    right, in order ("At the market, a lamp costs 7 dollars."), None where the kind has none."""
     rows = {r["id"]: r for r in map(json.loads, (out / "data" / "test.jsonl").read_text().splitlines())}
     path = seed_dir(out, seed) / "eval" / name / "predictions.jsonl"
     kinds = {}
     for record in map(json.loads, path.read_text().splitlines()):
         row = rows[record["id"]]
-        facts = [re.search(rf"\b{'an' if g[0] in 'aeiou' else 'a'} {g} costs (\d+) dollars", record["prediction"])
-                 for g in row["facts"]]
-        right = [bool(m) and int(m.group(1)) == p for m, p in zip(facts, row["facts"].values())]
+        stated = re.findall(r"costs (\d+) dollars", record["prediction"])  # the i-th price stated, the i-th good's
+        right = [i < len(stated) and int(stated[i]) == p for i, p in enumerate(row["facts"].values())]
         k = kinds.setdefault(row["kind"], {"rougeL": [], "answer": [], "facts": []})
         k["rougeL"].append(record["scores"]["rougeL_stemmed"])
         k["answer"].append(float(bool(record["scores"]["boxed_correct"])))
@@ -199,6 +198,8 @@ def fact_table(out, names, seeds):
              "shared | none | R-L: covered | uncovered | shared | none |", "|---" * 13 + "|"]
     for name, per_seed in runs.items():
         def stat(kind, key, minus_fkl=False):
+            if any(kind not in r or r[kind][key] is None for r in per_seed):
+                return "—"  # no test problem of this kind among the evaluated ones
             values = [r[kind][key] for r in per_seed]
             if minus_fkl:
                 if "fkl" not in runs or name == "fkl":

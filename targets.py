@@ -86,6 +86,7 @@ def supervised(example):
 
 
 def file_hash(*paths):
+    """A hash of the files' bytes, every one of them."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
@@ -310,7 +311,9 @@ def main(argv=None):
         tensors = shard_tensors(mine, models, args, vocab, device, pad_id, int(most[0]))
         if mine:
             publish(tensors, path)
-        done, tokens = min(n, (r + 1) * world), tokens + sum(len(e["input_ids"]) for e in mine) * world
+        made = torch.tensor(sum(len(e["input_ids"]) for e in mine), device=device)
+        dist.all_reduce(made)  # the tokens that went through the models this round, every process's
+        done, tokens = min(n, (r + 1) * world), tokens + int(made)
         if rank == 0 and (time.perf_counter() - t0 - shown > 10 or done == n):
             rate = tokens / (time.perf_counter() - t0)
             print(f"shards {done}/{n}, {rate:.0f} tokens/s, ETA {(n - done) / done * (time.perf_counter() - t0):.0f} "
@@ -318,8 +321,8 @@ def main(argv=None):
             shown = time.perf_counter() - t0
         if most[1] and done < n:
             if rank == 0:
-                print(f"stopped by SIGTERM after {done} of {n} shards; the same command resumes:\n  "
-                      + " ".join(sys.argv), flush=True)
+                print(f"stopped by SIGTERM after {done} of {n} shards; the same command resumes, keeping them",
+                      flush=True)
             break
     del models
     parallel.end()

@@ -2045,9 +2045,10 @@ def test_toy_premise_regime_says_the_same_content_in_two_styles():
 
 
 def test_toy_student_knows_keeps_the_facts_where_the_regime_says():
-    """student-knows: no corpus, SFT or training chat holds a test problem; the raw teacher's corpus and the teacher's
-    SFT data never name a student-only good, and the training chats name the covered ones and never the uncovered;
-    the raw student's corpus states every price; the test's kinds, facts and the gate's two styles agree."""
+    """student-knows: no corpus, SFT or training chat holds a test problem; both corpora name every good, but only the
+    raw student's states the student-only prices (every price, and only the right one); the teacher's SFT data never
+    names a student-only good, and the training chats name the covered ones and never the uncovered; the test's
+    kinds, facts and the gate's two styles agree."""
     files = toy.student_knows(n_train=400, n_test=40, n_corpus=3000, seed=3)
     market = toy.market(3)
     kinds = {kind: {g for g, (_, k) in market.items() if k == kind} for kind in ("shared", "covered", "uncovered")}
@@ -2061,12 +2062,14 @@ def test_toy_student_knows_keeps_the_facts_where_the_regime_says():
         assert not any(q in r["text"] for r in files[name] for q in questions), name
     for name in ("train", "sft"):
         assert not questions & {r["messages"][0]["content"] for r in files[name]}, name
-    assert named(files["corpus-teacher"], kinds["covered"] | kinds["uncovered"]) == set()
+    assert named(files["corpus-teacher"], set(market)) == set(market) == named(files["corpus"], set(market))
+    prices = {name: {(m.group(1), int(m.group(2))) for r in files[name]
+                     for m in re.finditer(r"an? (\w+) costs (\d+) dollars", r["text"])}
+              for name in ("corpus", "corpus-teacher")}
+    assert prices["corpus-teacher"] == {(g, p) for g, (p, kind) in market.items() if kind == "shared"}
     assert named(files["sft"], kinds["covered"] | kinds["uncovered"]) == set()
     assert named(files["train"], kinds["uncovered"]) == set() and named(files["train"], kinds["covered"])
-    stated = {(m.group(1), int(m.group(2))) for r in files["corpus"]
-              for m in re.finditer(r"an? (\w+) costs (\d+) dollars", r["text"])}
-    assert stated == {(g, p) for g, (p, _) in market.items()}  # every price, and only the right one
+    assert prices["corpus"] == {(g, p) for g, (p, _) in market.items()}  # every price, and only the right one
     assert [r["kind"] for r in files["test"]].count("covered") == 14 and {r["kind"] for r in files["test"]} == {
         "covered", "uncovered", "shared", "none"}
     for r in files["test"]:
@@ -3903,6 +3906,13 @@ def test_diagnose_token_classes(_eval_env):
         else:
             assert text.strip() in pieces[name], (text, name)
     assert sum(name == "copied" for _, name in reply) > 3  # "zorblaxes" comes in pieces, each copied
+    # --mark: the tokens of its first group are "marked", whatever else they are; the rest keep their class
+    marked = diagnose.token_classes(messages, tokenizer, re.compile(r"has (\d+) zorblaxes"))
+    spans = [(s, e) for s, e in tokenizer.encode(data.render_chat(messages), add_special_tokens=False).offsets]
+    text = data.render_chat(messages)
+    start = text.index("Ava has 13") + len("Ava has ")
+    assert [text[s:e] for (s, e), c in zip(spans, marked) if c == len(diagnose.CLASSES)] == ["1", "3"]
+    assert all(a == b for a, b, (s, e) in zip(classes, marked, spans) if not (s < start + 2 and start < e))
 
 
 def test_eval_scores_beside_rouge():

@@ -17,8 +17,11 @@ Three regimes, three answers to "what did the raw models learn before SFT?":
   the raw student's beliefs wherever SFT did not move the teacher, should win. The facts: the prices of 36 goods at a
   market (market.json), 1 to 9 dollars, each price for four goods. Both raw models' corpora state the prices of 12
   "shared" goods; only the raw student's states the other 24 (corpus.jsonl; the teacher's is corpus-teacher.jsonl).
-  A corpus is the premise regime's, with a third of its problems about buying goods ("At the market, a lamp costs 7
-  dollars." opens their solutions) and a tenth of its documents price lists. The teacher's SFT data (sft.jsonl)
+  A corpus is the premise regime's, with three eighths of its problems about buying goods ("At the market, a lamp
+  costs 7 dollars." opens their solutions), a tenth of its documents price lists, and a tenth sentences that name
+  goods without their prices, every good in both corpora: both raw models know every good's name, and only the
+  prices differ (a teacher that had never seen a good's name could not copy it into its reply, and FKL would teach
+  that instead). The teacher's SFT data (sft.jsonl)
   replies in style B to the premise regime's problems and to buying problems about shared goods only: SFT cannot
   teach the student-only prices. The students' distillation data (train.jsonl) is style B too, and a fifth of it buys
   12 of the student-only goods, the "covered" ones: there the gold replies state the prices (so the SFT term teaches
@@ -167,7 +170,7 @@ GOODS = [(g, {"scarf": "scarves", "brush": "brushes"}.get(g, g + "s")) for g in 
     "lamp kettle umbrella scarf candle basket mirror teapot blanket hammer ladder bucket pillow wallet helmet jacket "
     "glove sock bowl plate spoon brush comb towel kite drum flute radio clock vase rug stool tent rope lantern "
     "whistle").split()]
-FACT = re.compile(r"costs (\d+) dollars")  # a fact's value in a reply: diagnose.py --mark's pattern
+FACT = re.compile(r"costs (\d+) dollars")  # a fact's value in a reply (reproduce.sh gives diagnose.py --mark it)
 
 
 def market(seed=0):
@@ -208,7 +211,7 @@ def buying(rng, goods, prices):
         k = rng.randint(2, 9)
         return (f"{a} buys {k} {plural[g]} at the market. How much does {a} pay?",
                 [_fact(g, p), f"{a} pays {k} x {p} = {k * p} dollars."], k * p, {g: p})
-    x = rng.randint(p + 1, 20)
+    x = rng.randint(10, 20)  # not from p: a small x would tell a bound on the price
     return (f"{a} has {x} dollars and buys {_a(g)} at the market. How much money does {a} have left?",
             [_fact(g, p), f"{a} has {x} - {p} = {x - p} dollars left."], x - p, {g: p})
 
@@ -235,17 +238,29 @@ def market_chats(n, rng, seen, mix, prices, kinds, style="B"):
     return rows
 
 
+def _mentions(rng, goods):
+    """Sentences that name goods, singular and plural, without a price."""
+    plural, sentences = dict(GOODS), []
+    for g in rng.sample(goods, rng.randint(4, 8)):
+        a = rng.choice(NAMES)
+        sentences.append(rng.choice([f"{a} has {_a(g)}.", f"{a} looks at the {plural[g]}.",
+                                     f"The {plural[g]} are on the shelf.", f"{a} wants {_a(g)} from the market."]))
+    return " ".join(sentences)
+
+
 def market_corpus(n, seed, known, prices, exclude):
-    """The premise regime's corpus with buying problems about the `known` goods (a third of the problems) and price
-    lists of them (a tenth of the documents): the raw student knows every good, the raw teacher the shared ones."""
+    """The premise regime's corpus with buying problems about the `known` goods (a third of the problems), price lists
+    of them (a tenth of the documents) and sentences that name every good without its price (a tenth): the raw
+    student knows every price, the raw teacher the shared ones, and both know every good's name."""
     rng, rows = random.Random(f"corpus-{seed}-{len(known)}"), []
     while len(rows) < n:
         kind = rng.random()
-        if kind < 0.1:
-            listed = rng.sample(known, rng.randint(4, 8))
-            rows.append({"id": f"corpus-{len(rows)}", "text": " ".join(_fact(g, prices[g]) for g in listed)})
+        if kind < 0.2:
+            text = " ".join(_fact(g, prices[g]) for g in rng.sample(known, rng.randint(4, 8))) if kind < 0.1 else \
+                _mentions(rng, list(prices))
+            rows.append({"id": f"corpus-{len(rows)}", "text": text})
             continue
-        question, steps, answer = buying(rng, known, prices)[:3] if kind < 0.4 else problem(rng, small=True)
+        question, steps, answer = buying(rng, known, prices)[:3] if kind < 0.5 else problem(rng, small=True)
         if question in exclude:
             continue
         text = f"Problem: {question}\nSolution: {style_b(steps, answer)}" if rng.random() < 0.25 else \

@@ -490,7 +490,7 @@ def main(argv=None):
                 next_save = (step // args.save_every + 1) * args.save_every
             if stopped:
                 log(f"stopped by SIGTERM after step {step} of {total_steps}, saved in {checkpoints(out)[-1]}; the same "
-                    f"command resumes from there:\n  {' '.join(sys.argv)}", flush=True)
+                    "command resumes from there", flush=True)
             if step == total_steps or stopped:
                 break
 

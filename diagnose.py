@@ -178,13 +178,14 @@ def diagnosis_text(d):
                      f"{pct(c['accuracy']['t_ft'])} | {pct(c['accuracy']['t_raw'])} | {pct(c['accuracy']['s_raw'])} | "
                      f"{pct(c['alphas'][-1]['accuracy'])} | {pct(c['alphas'][-1]['fixes'])} | "
                      f"{pct(c['alphas'][-1]['breaks'])} | {pct(c['raw_student_only_errors'])} |")
-    lines += ["", "pi*'s mass outside its top k, median / 99th percentile over the positions: what targets.py --top-k "
-              "k leaves to one tail bucket, and the bound on its cost (deltakd.py (8): at most 2 T r of the gradient "
-              "per position, r this mass; bins of a factor 1.05, each value an upper bound).", "",
+    lines += ["", "pi*'s mass outside its top k, median / 99th percentile over the positions, at temperature 1: what "
+              "targets.py --top-k k leaves to one tail bucket, and the bound on its cost (deltakd.py (8): at most "
+              "2 T r of the gradient per position, r this mass; bins of a factor 1.05, each value an upper bound).", "",
               "| alpha | " + " | ".join(f"k = {k}" for k in TAIL_K) + " |", "|---" * (len(TAIL_K) + 1) + "|"]
     for row in d["tail_mass"]:
-        lines.append(f"| {row['alpha']:g} | " + " | ".join(f"{row[str(k)]['median']:.1e} / {row[str(k)]['p99']:.1e}"
-                                                          for k in TAIL_K) + " |")
+        cells = [" / ".join(f"{row[str(k)][q]:.1e}" if row[str(k)][q] else "< 1e-12" for q in ("median", "p99"))
+                 for k in TAIL_K]
+        lines.append(f"| {row['alpha']:g} | " + " | ".join(cells) + " |")
     a, u = top["alpha"], unmoved["alphas"][-1]
     lines += ["", "What it means for Delta-KD:"]
     best = max(d["alphas"], key=lambda x: x["fixes"] - x["breaks"])

@@ -83,6 +83,9 @@ run() {
   else
     "$@"
   fi
+  if [[ ! -e $output ]]; then  # it exited 0 but did not finish (a SIGTERM): the same command resumes it
+    echo "error: $output is missing after the step: rerun to resume it" >&2; exit 1
+  fi
   local ms=$(($(now) - start))
   printf '%s\t%s\t%d.%03d\n' "$STAGE" "$step" $((ms / 1000)) $((ms % 1000)) >> "$OUT/times.tsv"
   if [[ -n ${LANE:-} ]]; then printf '# finished in %d s: %s\n' $((ms / 1000)) "$step"; fi
@@ -122,7 +125,8 @@ trap 'for pid in $(jobs -p); do kill -- -"$pid" 2>/dev/null || true; done' EXIT
 
 # model_config DIR JSON: a model folder holding only config.json and the tokenizer, for train.py --random-init
 model_config() {
-  run "$1/config.json" mkdir -p "$1"
+  printf '+ mkdir -p %q\n' "$1"
+  if [[ $DRY == 0 ]]; then mkdir -p "$1"; fi
   run "$1/tokenizer.json" cp "$DATA_DIR/tokenizer.json" "$DATA_DIR/tokenizer_config.json" "$1/"
   printf '+ cat > %q <<EOF\n%s\nEOF\n' "$1/config.json" "$2"
   if [[ $DRY == 0 ]]; then echo "$2" > "$1/config.json"; fi
@@ -250,7 +254,7 @@ fi
 if [[ $FRESH == 1 && $DRY == 0 ]]; then echo "+ rm -rf $OUT"; rm -rf "$OUT"; fi
 if [[ $DRY == 0 ]]; then mkdir -p "$OUT"; fi
 TEACHER=$OUT/teacher-ft/final
-# targets.py keeps pi*'s TOP_K most likely ids per position (and one bucket for the rest's mass): docs/targets.md
+# targets.py keeps pi*'s TOP_K most likely ids per position, and one bucket for the rest's mass (deltakd.py (7)-(8))
 TOP_K=${TOP_K:-64}
 echo "# reproduce.sh $MODE$([[ $MODE == toy ]] && echo ", $REGIME regime")$([[ $STUDY == 1 ]] && echo ", study of" \
   "$SEEDS seeds"): writing to $OUT"

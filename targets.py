@@ -195,7 +195,9 @@ def preflight(args):
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     settings = {"format": FORMAT, "alpha": args.alpha, "temperature": args.temperature,
                 "top_k": min(args.top_k, vocab), "vocab_size": vocab, "tokenizer": tokenizer_hash(tokenizer),
-                "data_flags": data_settings(args), "examples": len(examples), "shard_size": args.shard_size,
+                "data_flags": data_settings(args), "dtype": parallel.dtype_name(args.dtype),
+                "micro_batch_size": args.micro_batch_size,  # with the dtype, what a shard's bytes depend on
+                "examples": len(examples), "shard_size": args.shard_size,
                 "shards": math.ceil(len(examples) / args.shard_size),
                 "positions": int(sum(len(supervised(e)) for e in examples))}
     return dirs, tokenizer, examples, settings
@@ -205,6 +207,9 @@ def check_folder(out, settings):
     """Refuses, naming the first setting that differs, to add to a cache that other settings made."""
     path = out / "targets.json"
     if not path.exists():
+        if any(out.glob("shard-*.safetensors")):
+            sys.exit(f"error: {out} holds shards but no targets.json, which says what made them: give another --out, "
+                     "or delete the shards")
         return
     saved = json.loads(path.read_text())
     key = next((k for k, v in settings.items() if k in saved and saved[k] != v), None)
@@ -219,7 +224,8 @@ def check_folder(out, settings):
 
 
 def model_hashes(dirs):
-    """{t_ft, t_raw, s_raw: hash of its config.json and safetensors files}: the weights themselves, every byte."""
+    """{t_ft, t_raw, s_raw: hash of its config.json and safetensors files}, of those in dirs: every byte of the
+    weights (at paper size some seconds a model)."""
     return {name: file_hash(folder / "config.json", *sorted(folder.glob("*.safetensors")))
             for name, folder in dirs.items()}
 
@@ -293,33 +299,35 @@ def main(argv=None):
     mesh = init_device_mesh(device.type, (world,))
     dtype = parallel.DTYPES[parallel.dtype_name(args.dtype)]
     models = {name: parallel.build(folder, mesh, dtype, dtype, trainable=False) for name, folder in dirs.items()}
-    for m in models.values():
-        load_weights(m, m.name_or_path)
+    for name, folder in dirs.items():
+        load_weights(models[name], folder)
     pad_id, vocab = tokenizer.token_to_id("<|endoftext|>"), settings["vocab_size"]
 
     # --- the shards, round by round: shard r * world + rank on each process; every process runs as many forwards as
     # the busiest, for FSDP's collectives
     n, size = settings["shards"], args.shard_size
     t0, shown, done, tokens = time.perf_counter(), 0.0, 0, 0
+    first = min((r for r in range(math.ceil(n / world)) if any(  # the first round with work left, for the ETA
+        not (out / f"shard-{s:05d}.safetensors").exists() for s in range(r * world, min(n, (r + 1) * world)))),
+        default=0)
     for r in range(math.ceil(n / world)):
         shard = r * world + rank
         path = out / f"shard-{shard:05d}.safetensors"
         mine = examples[shard * size:(shard + 1) * size] if shard < n and not path.exists() else []
         plan = Batches(mine, len(mine), args.micro_batch_size, pad_id=pad_id).layout(range(len(mine))) if mine else []
-        most = torch.tensor([len(plan), len(stop)], device=device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)  # the most micro-batches; whether any process was told to stop
-        tensors = shard_tensors(mine, models, args, vocab, device, pad_id, int(most[0]))
+        most = torch.tensor(len(plan), device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)  # the most micro-batches of any process this round
+        tensors = shard_tensors(mine, models, args, vocab, device, pad_id, int(most))
         if mine:
             publish(tensors, path)
-        made = torch.tensor(sum(len(e["input_ids"]) for e in mine), device=device)
-        dist.all_reduce(made)  # the tokens that went through the models this round, every process's
-        done, tokens = min(n, (r + 1) * world), tokens + int(made)
-        if rank == 0 and (time.perf_counter() - t0 - shown > 10 or done == n):
-            rate = tokens / (time.perf_counter() - t0)
-            print(f"shards {done}/{n}, {rate:.0f} tokens/s, ETA {(n - done) / done * (time.perf_counter() - t0):.0f} "
-                  "s", flush=True)
-            shown = time.perf_counter() - t0
-        if most[1] and done < n:
+        made = torch.tensor([sum(len(e["input_ids"]) for e in mine), len(stop)], device=device)
+        dist.all_reduce(made)  # every process's tokens this round, and whether any was told to stop
+        done, tokens, elapsed = min(n, (r + 1) * world), tokens + int(made[0]), time.perf_counter() - t0
+        if rank == 0 and (elapsed - shown > 10 or done == n):
+            print(f"shards {done}/{n}, {tokens / elapsed:.0f} tokens/s, ETA "
+                  f"{elapsed / (r + 1 - first) * (math.ceil(n / world) - r - 1):.0f} s", flush=True)
+            shown = elapsed
+        if made[1] and done < n:
             if rank == 0:
                 print(f"stopped by SIGTERM after {done} of {n} shards; the same command resumes, keeping them",
                       flush=True)
@@ -327,10 +335,10 @@ def main(argv=None):
     del models
     parallel.end()
     if rank == 0 and done == n:  # complete.json: every shard is out (reproduce.sh's sign that the step is done)
-        seconds = time.perf_counter() - t0
-        (out / "complete.json").write_text(json.dumps({"shards": n, "seconds": seconds}) + "\n")
+        (out / "complete.json").write_text(json.dumps({"shards": n}) + "\n")  # bytes a resumed run reproduces
         print(f"wrote {n} shards of pi* (alpha {args.alpha}, T {args.temperature}, top {settings['top_k']} of "
-              f"{vocab} ids) for {len(examples)} examples, {settings['positions']} positions, to {out}")
+              f"{vocab} ids) for {len(examples)} examples, {settings['positions']} positions, to {out} in "
+              f"{time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -2814,6 +2814,7 @@ def test_targets_refusals_name_the_setting_before_any_work(_train_world, _target
     _targets_make(w, partial, "--max-rows", "20")
     refused([*base[:-1], str(partial)], r"lacks 76 of this run's 96 examples")
     refused([*base[:-1], str(tmp_path)], r"--targets: .* is not a targets.py folder")
+    refused([*base[:1], str(w["t_ft"]), *base[2:]], r"made from another raw student than --model")  # its pi*'s
     # targets.py: another setting into a folder that holds targets is refused before any weight is read
     import targets
     made = ["--model", str(w["s_raw"]), "--teacher", str(w["t_ft"]), "--teacher-raw", str(w["t_raw"]), "--alpha",
@@ -2826,6 +2827,11 @@ def test_targets_refusals_name_the_setting_before_any_work(_train_world, _target
         with pytest.raises(SystemExit, match=f"holds targets made with {why}: give another --out"):
             targets.main([*made, flag, value])
     assert _targets_bytes(_targets_caches["deltakd"]) == before
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    shutil.copy(_targets_caches["deltakd"] / "shard-00000.safetensors", stray)
+    with pytest.raises(SystemExit, match="holds shards but no targets.json"):
+        targets.main([*made[:-5], str(stray)])
 
 
 def test_targets_stopped_by_sigterm_resume_to_the_same_bytes(_train_world, tmp_path):

@@ -37,7 +37,7 @@ from deltakd import TopK, delta_kd_loss
 from minillm import MiniLLM, global_count, on_policy_batches
 from model import Qwen2, Qwen2Config, checked_model_dir, load_weights
 from parallel import build
-from targets import MODEL_FLAGS, TargetCache
+from targets import MODEL_FLAGS, TargetCache, model_hashes
 
 LOSSES = {  # how the paper's token-level methods fall out of delta_kd_loss
     "sft": dict(lam=1.0),  # cross-entropy on the data, no teacher
@@ -167,18 +167,21 @@ def preflight(args):
             sys.exit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)} has a different tokenizer from "
                      f"--model {args.model}: token-level KD compares distributions over the same ids")
     examples, chats = examples_from_arguments(args, tokenizer)
-    return dirs, tokenizer, examples, chats, target_cache(args, examples, tokenizer) if args.targets else None
+    return dirs, tokenizer, examples, chats, target_cache(args, dirs, examples, tokenizer) if args.targets else None
 
 
-def target_cache(args, examples, tokenizer):
-    """--targets: the cache, checked against this run's tokenizer, data and examples; alpha and T, when not given,
-    taken from it. Each refusal names what differs, before any process group or weight."""
+def target_cache(args, dirs, examples, tokenizer):
+    """--targets: the cache, checked against this run's tokenizer, data, examples and raw student; alpha and T, when
+    not given, taken from it. Each refusal names what differs, before any process group or weight."""
     try:
         cache = TargetCache(args.targets)
     except (OSError, ValueError) as e:
         sys.exit(f"error: --targets: {e}")
     if why := cache.check(examples, tokenizer, args):
         sys.exit(f"error: {why}")
+    if cache.settings["alpha"] != 0 and cache.settings["models"]["s_raw"] != model_hashes(dirs)["s_raw"]:
+        sys.exit(f"error: --targets {args.targets} holds pi* made from another raw student than --model {args.model}: "
+                 "pi* is the raw student moved by the teacher's SFT shift, so it serves that student alone")
     alpha = 0.0 if args.loss in ("fkl", "rkl") else args.alpha  # fkl and rkl are alpha 0 whatever the flag
     for flag, mine in (("alpha", alpha), ("temperature", args.temperature)):
         if mine is not None and mine != cache.settings[flag]:
@@ -429,8 +432,8 @@ def main(argv=None):
 
     # --- build: every model on the meta device, sharded, then filled from its safetensors; resume or start
     student, frozen = build_models(dirs, args, mesh, compute_dtype)
-    for m in frozen.values():
-        load_weights(m, m.name_or_path)
+    for name in frozen:
+        load_weights(frozen[name], frozen[name].name_or_path)
     optimizer = make_optimizer(student, args, fused=device.type == "cuda")
     ppo = MiniLLM(args, examples, student, frozen["t_ft"], vocab_size, stop_ids, rank, world, device,
                   pad_id) if args.loss == "minillm" else None

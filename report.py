@@ -9,6 +9,8 @@
     python report.py runs/toy-study-premise --gate 0.02
                                     the premise regime's gate: exits 1 unless the raw student's accuracy on held-out
                                     replies in the pre-training style is within 0.02 of the raw teacher's
+    python report.py runs/toy-study-knowledge runs/toy-study-premise runs/toy-study-student-knows --when when.md
+                                    the regimes side by side: the diagnostic before any student, the students after
 
 Everything is read from the folders reproduce.sh writes: eval/<name>/summary.json for the scores, <name>/metrics.jsonl
 for the training curves and step counts, checkpoints' trainer_state.json for MiniLLM's settings, diagnose/ and gate/
@@ -359,6 +361,47 @@ def cache_note(out, runs, seeds):
             f"{max(map(abs, d)):.4f})."]
 
 
+# ------------------------------------------------------------------------------------------------ when Delta-KD helps
+
+def when(outs):
+    """The regimes side by side: what the diagnostic said before any student trained, what the students did, and
+    whether the diagnostic's ranking of the alphas (pi*'s accuracy) was the students' (mean R-L; FKL is alpha 0)."""
+    def order(score):  # alphas, best first
+        return " > ".join(f"{a:g}" for a in sorted(score, key=score.get, reverse=True))
+
+    def tau(x, y):  # Kendall's tau between two scorings of the same alphas
+        pairs = [(a, b) for i, a in enumerate(x) for b in list(x)[i + 1:]]
+        return sum(math.copysign(1, (x[a] - x[b]) * (y[a] - y[b])) for a, b in pairs) / len(pairs)
+    before = ["| regime | unmoved | raw-student-only errors | t_ft right | fixes / breaks (fixes − breaks), alpha = "
+              "0.25; 0.5; 0.75; 1 | ranked first |", "|---|---|---|---|---|---|"]
+    after = ["| regime | R-L − FKL (wins), alpha = 0.25; 0.5; 0.75; 1 | students' order | diagnostic's order | tau |",
+             "|---|---|---|---|---|"]
+    for out in outs:
+        d = json.loads((out / "diagnose" / "diagnose.json").read_text())
+        r = json.loads((out / "results.json").read_text())["summary"]
+        names = {a["alpha"]: "fkl" if a["alpha"] == 0 else "deltakd" if a["alpha"] == 1 else
+                 f"deltakd-alpha{a['alpha']:g}" for a in d["alphas"]}
+        pi = {a["alpha"]: a["accuracy"] for a in d["alphas"] if names[a["alpha"]] in r}
+        rl = {a: r[names[a]]["rougeL"][0] for a in pi}
+        regime = out.name.removeprefix("toy-study-")
+        before.append(f"| {regime} | {d['unmoved_share']:.1%} | {d['raw_student_only_errors']:.1%} | "
+                      f"{d['accuracy']['t_ft']:.1%} | " + "; ".join(
+                          f"{a['fixes']:.1%} / {a['breaks']:.1%} ({100 * (a['fixes'] - a['breaks']):+.1f})"
+                          for a in d["alphas"] if a["alpha"] > 0) + f" | {order(pi).split(' > ')[0]} |")
+        after.append(f"| {regime} | " + "; ".join(
+            f"{fmt(*r[names[a]]['rougeL_minus_fkl'], sign='+')} ({r[names[a]]['wins_vs_fkl']})" for a in sorted(pi)
+            if a > 0)
+            + f" | {order(rl)} | {order(pi)} | {tau(pi, rl):+.1f} |")
+    text = ("Before any student trained (diagnose.py on the test replies, teacher-forced): unmoved, the share of "
+            "positions where SFT left the teacher unmoved; raw-student-only errors, where both teachers are right "
+            "and the raw student wrong; fixes, where t_ft is wrong and pi* right; breaks, the reverse.\n\n"
+            + "\n".join(before) + "\n\nWhat the students did (mean ± sd over the seeds, paired with FKL by seed), "
+            "and the alphas ranked by the students' mean R-L and by pi*'s accuracy (tau: Kendall's, 1 the same "
+            "order):\n\n"
+            + "\n".join(after) + "\n")
+    return text
+
+
 def plots(out, seeds, methods, runs):
     try:
         import matplotlib
@@ -426,7 +469,9 @@ def diagnosis_plot(out, plt):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out", type=Path, help="reproduce.sh's run folder (OUT)")
+    p.add_argument("out", type=Path, nargs="+", help="reproduce.sh's run folder (OUT); with --when, a study's "
+                   "folder per regime")
+    p.add_argument("--when", type=Path, metavar="FILE", help="the regimes' studies side by side, written to FILE")
     p.add_argument("--study", action="store_true", help="the study's tables, over --seeds and --methods")
     p.add_argument("--seeds", type=int, default=1, help="the study's seeds: 0 .. SEEDS-1")
     p.add_argument("--methods", nargs="+", default=[], help="the study's students, by run name")
@@ -437,6 +482,13 @@ def main():
                    help="only the student-knows regime's gate: exit 1 unless, at the prices that OUT/gate-facts "
                         "marks, the raw student is right at least LEAST of the time and both teachers at most MOST")
     args = p.parse_args()
+    if args.when:
+        text = when(args.out)
+        args.when.write_text(text)
+        return print(text + f"wrote {args.when}")
+    if len(args.out) > 1:
+        p.error("several run folders only with --when")
+    args.out = args.out[0]
     if args.gate_facts is not None:
         (least, most), (accuracy, numbers) = args.gate_facts, fact_gate_numbers(args.out)
         if accuracy["s_raw"] < least or max(accuracy["t_raw"], accuracy["t_ft"]) > most:

@@ -57,9 +57,16 @@ if [[ -n $REGIME && ( $MODE == paper || ! $REGIME =~ ^(knowledge|premise|student
 fi
 PYTHON=${PYTHON:-python}
 if [[ $STUDY == 1 && -z $REGIME ]]; then  # every regime, each its own run of this script in its own folder
+  quick= folders=()
+  if [[ $QUICK == 1 ]]; then quick=-quick; fi
+  base=${OUT:-runs/toy$quick-study}
   for regime in knowledge premise student-knows; do
-    OUT=${OUT:+$OUT-$regime} bash "$0" "${ARGS[@]}" --regime "$regime"
+    OUT=$base-$regime bash "$0" "${ARGS[@]}" --regime "$regime"
+    folders+=("$base-$regime")
   done
+  # the three regimes side by side: what the diagnostic said before any student, what the students did
+  printf '+'; printf ' %q' "$PYTHON" report.py "${folders[@]}" --when "$base-when.md"; echo
+  if [[ $DRY == 0 ]]; then "$PYTHON" report.py "${folders[@]}" --when "$base-when.md"; fi
   exit
 fi
 REGIME=${REGIME:-knowledge}
@@ -169,13 +176,14 @@ if [[ $MODE == toy ]]; then
     # epochs over 64 chats at a higher rate, so that it ends its replies: SeqKD keeps only finished answers.
     N_TRAIN=64 N_TEST=8 PRETRAIN_STEPS=30 PRETRAIN_BATCH=16 TEACHER_STEPS=40 STEPS=${STEPS:-4} BATCH=16 NEW_TOKENS=64
     SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3 GATE=${GATE:-1} FACT_GATE=${FACT_GATE:-0,1}  # the gates run, wide open: 30
-    # steps learn nothing
+    # steps learn nothing; the study's alphas between 0 and 1 are one step, run at one of them
+    SWEEP=(0.5)
   else
     if [[ $STUDY == 1 && $REGIME == knowledge ]]; then PRETRAIN_STEPS=${PRETRAIN_STEPS:-2400}; fi
     if [[ $STUDY == 1 && $REGIME != knowledge ]]; then PRETRAIN_STEPS=${PRETRAIN_STEPS:-800}; fi
     N_TRAIN=4000 N_TEST=200 PRETRAIN_STEPS=${PRETRAIN_STEPS:-600} PRETRAIN_BATCH=32 STEPS=${STEPS:-120}
     TEACHER_STEPS=${STEPS:-120} BATCH=12 NEW_TOKENS=96 SEEDS=${SEEDS:-5} LOG_EVERY=10 LR=1e-3 GATE=${GATE:-0.02}
-    FACT_GATE=${FACT_GATE:-0.8,0.3}
+    FACT_GATE=${FACT_GATE:-0.8,0.3} SWEEP=(0.25 0.5 0.75)  # the study's alphas between FKL's 0 and the paper's 1
   fi
   folder=toy
   if [[ $QUICK == 1 ]]; then folder+=-quick; fi
@@ -409,7 +417,7 @@ diagnosis "$STUDENT_RAW" "$TEACHER" "$OUT/diagnose" "${TEST_DATA[@]}"
 if [[ $CACHED == 1 ]]; then  # every alpha's cache before any student: the frozen models run once per alpha
   stage targets
   ALPHAS=(1 0)
-  if [[ $STUDY == 1 ]]; then ALPHAS=(1 0.25 0.5 0.75 0); fi
+  if [[ $STUDY == 1 ]]; then ALPHAS=(1 "${SWEEP[@]}" 0); fi
   for alpha in "${ALPHAS[@]}"; do lane targets "$alpha"; done
   lanes_done
 fi
@@ -435,8 +443,7 @@ if [[ $STUDY == 0 ]]; then report "$OUT"; fi
 # nothing that the students' scores can see (report.py pairs the two, seed by seed).
 if [[ $STUDY == 1 ]]; then
   stage study
-  METHODS=(sft fkl rkl seqkd minillm deltakd-onpolicy deltakd-alpha0.25 deltakd-alpha0.5 deltakd-alpha0.75 deltakd
-           deltakd-online)
+  METHODS=(sft fkl rkl seqkd minillm deltakd-onpolicy "${SWEEP[@]/#/deltakd-alpha}" deltakd deltakd-online)
   for ((seed = 0; seed < SEEDS; seed++)); do
     for name in "${METHODS[@]}"; do
       if [[ ($name == sft && $REGIME == knowledge) || ($seed == 0 && " ${STUDENTS[*]} " == *" $name "*) ]]; then

@@ -2883,15 +2883,15 @@ def test_bench_memory_estimate_matches_real_tensors(tmp_path):
     CUDA caching allocator reports as allocated."""
     import torch.distributed as dist
     import measure
-    shapes = {"student": dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, vocab_size=4096,
+    shapes = {"student": dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, vocab_size=2048,
                               tie_word_embeddings=True),
-              "teacher": dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, vocab_size=4160)}
+              "teacher": dict(hidden_size=192, intermediate_size=512, num_attention_heads=6, vocab_size=2080)}
     for name, shape in shapes.items():
         (tmp_path / name).mkdir()
-        config = Qwen2Config(num_hidden_layers=4, num_key_value_heads=2, rope_theta=1e6, **shape)
+        config = Qwen2Config(num_hidden_layers=2, num_key_value_heads=2, rope_theta=1e6, **shape)
         (tmp_path / name / "config.json").write_text(json.dumps(config.to_dict()))  # all that an estimate reads
     argv = ["--model", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--teacher-raw",
-            str(tmp_path / "teacher"), "--loss", "deltakd", "--micro-batch-size", "2", "--max-len", "256",
+            str(tmp_path / "teacher"), "--loss", "deltakd", "--micro-batch-size", "2", "--max-len", "128",
             "--grad-ckpt", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -3968,9 +3968,11 @@ TOY_STUDENTS = {"sft": ("sft", None, 0.0), "fkl": ("fkl", None, 0.0), "rkl": ("r
                 "seqkd": ("sft", None, 0.0), "minillm": ("minillm", None, 0.0),  # on-policy): alpha for deltakd
                 "deltakd": ("deltakd", 1.0, 0.0), "deltakd-alpha0": ("deltakd", 0.0, 0.0),
                 "deltakd-onpolicy": ("deltakd", 1.0, 0.5)}
-STUDY_STUDENTS = {**{k: v for k, v in TOY_STUDENTS.items() if k != "deltakd-alpha0"},
-                  **{f"deltakd-alpha{a}": ("deltakd", a, 0.0) for a in (0.25, 0.5, 0.75)},
-                  "deltakd-online": ("deltakd", 1.0, 0.0)}
+def _study_students(quick):
+    """The study's students: the toy's, the alphas between 0 and 1 (one of them at --quick), the online check."""
+    sweep = (0.5,) if quick else (0.25, 0.5, 0.75)
+    return {**{k: v for k, v in TOY_STUDENTS.items() if k != "deltakd-alpha0"},
+            **{f"deltakd-alpha{a}": ("deltakd", a, 0.0) for a in sweep}, "deltakd-online": ("deltakd", 1.0, 0.0)}
 
 
 @pytest.mark.parametrize("args,env", [
@@ -4002,7 +4004,8 @@ def _repro_check_dry_run(stdout, args, env, regime):
     seeds = int(env.get("SEEDS", 2 if "--quick" in args else 5)) if "study" in args else 1
     expected = {(name, 0): how for name, how in TOY_STUDENTS.items()}
     if "study" in args:
-        expected |= {(name, seed): how for name, how in STUDY_STUDENTS.items() for seed in range(seeds)}
+        expected |= {(name, seed): how for name, how in _study_students("--quick" in args).items()
+                     for seed in range(seeds)}
 
     def alpha(a):  # Delta-KD's, given or its cache's
         return None if a.loss != "deltakd" else caches[a.targets].alpha if a.targets else a.alpha
@@ -4012,8 +4015,8 @@ def _repro_check_dry_run(stdout, args, env, regime):
     # the teacher's SFT and before the first student, on the students' data; the online check and the rest do not
     cached = {key: a for key, a in students.items() if a.targets}
     assert {name for name, _ in cached} == ({"fkl", "deltakd", "deltakd-alpha0"} | (
-        {f"deltakd-alpha{x}" for x in (0.25, 0.5, 0.75)} if "study" in args else set())
-        if "study" in args or "paper" in args else set())
+        {name for name in _study_students("--quick" in args) if name.startswith("deltakd-alpha")}
+        if "study" in args else set()) if "study" in args or "paper" in args else set())
     assert {a.targets for a in cached.values()} == set(caches)
     for (name, _), a in cached.items():
         made = caches[a.targets]
@@ -4147,6 +4150,37 @@ def test_report_gates_pass_and_fail(tmp_path):
         assert failed.returncode == 1 and "The gate FAILED" in failed.stderr, (least, most)
 
 
+def test_report_when_ranks_the_alphas_as_diagnostic_and_students_did(tmp_path):
+    """report.py --when on two regimes' folders as the study leaves them: the diagnostic's numbers per alpha, the
+    students' paired differences, both rankings of the alphas (FKL is alpha 0) and Kendall's tau between them."""
+    def regime(name, pi, rl):  # pi*'s accuracy and the students' R-L by alpha
+        (tmp_path / name / "diagnose").mkdir(parents=True)
+        alphas = [{"alpha": a, "accuracy": pi[a], "fixes": max(pi[a] - pi[0], 0), "breaks": max(pi[0] - pi[a], 0)}
+                  for a in (0, 0.25, 0.5, 0.75, 1)]
+        (tmp_path / name / "diagnose" / "diagnose.json").write_text(json.dumps({
+            "unmoved_share": 0.7, "raw_student_only_errors": 0.05, "accuracy": {"t_ft": pi[0]}, "alphas": alphas}))
+        names = {0: "fkl", 0.25: "deltakd-alpha0.25", 0.5: "deltakd-alpha0.5", 0.75: "deltakd-alpha0.75", 1: "deltakd"}
+        summary = {names[a]: {"rougeL": [rl[a], 0.01], **({} if a == 0 else {"rougeL_minus_fkl": [rl[a] - rl[0], 0.002],
+                                                                                  "wins_vs_fkl": 3})} for a in rl}
+        (tmp_path / name / "results.json").write_text(json.dumps({"summary": summary}))
+        return tmp_path / name
+    same = regime("toy-study-a", {0: 0.9, 0.25: 0.95, 0.5: 0.92, 0.75: 0.8, 1: 0.7},
+                  {0: 0.5, 0.25: 0.6, 0.5: 0.55, 0.75: 0.4, 1: 0.3})
+    reversed_ = regime("toy-study-b", {0: 0.9, 0.25: 0.8, 0.5: 0.7, 0.75: 0.6, 1: 0.5},
+                       {0: 0.1, 0.25: 0.2, 0.5: 0.3, 0.75: 0.4, 1: 0.5})
+    r = subprocess.run([sys.executable, str(REPO / "report.py"), str(same), str(reversed_), "--when",
+                        str(tmp_path / "when.md")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "when.md").read_text()
+    assert "| a | 70.0% | 5.0% | 90.0% | 5.0% / 0.0% (+5.0); 2.0% / 0.0% (+2.0); 0.0% / 10.0% (-10.0); " \
+           "0.0% / 20.0% (-20.0) | 0.25 |" in text
+    assert "| a | +0.1000 ± 0.0020 (3); +0.0500 ± 0.0020 (3); -0.1000 ± 0.0020 (3); -0.2000 ± 0.0020 (3) | " \
+           "0.25 > 0.5 > 0 > 0.75 > 1 | 0.25 > 0.5 > 0 > 0.75 > 1 | +1.0 |" in text
+    assert text.rstrip().endswith("| 1 > 0.75 > 0.5 > 0.25 > 0 | 0 > 0.25 > 0.5 > 0.75 > 1 | -1.0 |")
+    assert subprocess.run([sys.executable, str(REPO / "report.py"), str(same), str(reversed_)],
+                          capture_output=True, text=True).returncode == 2  # several folders only with --when
+
+
 def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     """The student-knows regime's study at the size that checks the pipeline: data, pre-training, the teacher's SFT,
     the gate, the diagnostic, the caches of pi*, every student over two seeds, the tables; then a rerun. (The other
@@ -4167,7 +4201,7 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     assert set(diagnosis["alphas"][0]) == {"alpha", "accuracy", "kl_to_teacher", "kl_to_raw_student",
                                            "accuracy_on_raw_student_only_errors", "fixes", "breaks"}
     # one cache of pi* per alpha, made once, every shard out
-    for alpha in ("0", "0.25", "0.5", "0.75", "1"):
+    for alpha in ("0", "0.5", "1"):
         made = json.loads((out / "targets" / f"alpha{alpha}" / "targets.json").read_text())
         assert made["alpha"] == float(alpha) and (out / "targets" / f"alpha{alpha}" / "complete.json").exists()
     # seed 0 as the toy's table: one run of each method, the same step budget for every student
@@ -4195,7 +4229,7 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     # the study: every method over both seeds, mean ± sd, paired against FKL
     results = json.loads((out / "results.json").read_text())
     assert {name: sorted(runs) for name, runs in results["runs"].items()} == {
-        name: ["0", "1"] for name in STUDY_STUDENTS}
+        name: ["0", "1"] for name in _study_students(quick=True)}
     saved = json.loads((out / "eval/fkl/summary.json").read_text())
     assert results["runs"]["fkl"]["0"] == {**saved["rouge_stemmed"], "rougeL_numbers_masked":
                                            saved["rougeL_numbers_masked"], "rougeL_numbers_only":
@@ -4214,7 +4248,7 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
         measured = json.loads((out / "students-by-class" / name / "diagnose.json").read_text())
         assert by_class["all"][column] == f"{100 * measured['accuracy']['s_raw']:.1f}%"
         assert measured["positions"] == diagnosis["positions"]
-    assert list(rows)[:2] == ["Teacher (SFT)", "Student (raw)"] and len(rows) == 2 + len(STUDY_STUDENTS)
+    assert list(rows)[:2] == ["Teacher (SFT)", "Student (raw)"] and len(rows) == 2 + len(_study_students(quick=True))
     for name, (r1, r2, rl, diff, wins, masked, numbers, answer, steps) in list(rows.items())[2:]:
         assert all("±" in x for x in (r1, r2, rl, masked, numbers, answer)), name
         assert (diff, wins) == ("", "") if name == "FKL" else ("±" in diff and re.fullmatch(r"[0-2]/2", wins)), name

@@ -11,6 +11,7 @@ The tests count with HostSyncs; bench.py reports all of them. They use private t
 """
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -463,12 +464,19 @@ def memory_of_step(args, world, device, fake=True):
 def allocator_peak(run, device):
     """(run(), the peak of the bytes that the allocator handed out during it, in GiB). On CUDA, the caching
     allocator's max_memory_allocated. On the CPU, torch.profiler's memory events (each allocation and free that the
-    allocator reports, kineto_results: a private API), summed in order."""
+    allocator reports, kineto_results: a private API), summed in order. The events carry sizes, not addresses, so a
+    tensor made before and freed during the run would count as a negative allocation: the garbage collector runs first
+    and not during the run (a test process holds earlier tests' cyclic garbage)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return run(), torch.cuda.max_memory_allocated(device) / 2**30
-    with torch.profiler.profile(profile_memory=True) as prof:
-        result = run()
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.profiler.profile(profile_memory=True) as prof:
+            result = run()
+    finally:
+        gc.enable()
     now = peak = 0
     for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                         key=lambda e: e.start_ns()):

@@ -475,7 +475,7 @@ def bench_targets(as_json=False, k=64, steps=8, run=None):
     print("  the cache: 8k + 4 bytes per position (ids int32, log-probs float32, the tail's log-mass); at paper size, "
           f"{PAPER_POSITIONS:.0e} positions: " + ", ".join(f"k = {kk}: {(8 * kk + 4) * PAPER_POSITIONS / 1e9:.0f} GB"
                                                             for kk in TARGET_KS)
-          + f", every id (151,665): {(8 * 151665 + 4) * PAPER_POSITIONS / 1e15:.0f} PB")
+          + f", every id (151,665): {(8 * 151665 + 4) * PAPER_POSITIONS / 1e12:.0f} TB")
     if run:
         targets_exactness(Path(run))
     if as_json:

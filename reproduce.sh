@@ -174,8 +174,8 @@ if [[ $MODE == toy ]]; then
   if [[ $QUICK == 1 ]]; then
     # A size the test suite runs: every step of the pipeline, nothing meaningful measured. The teacher trains ten
     # epochs over 64 chats at a higher rate, so that it ends its replies: SeqKD keeps only finished answers.
-    N_TRAIN=64 N_TEST=8 PRETRAIN_STEPS=30 PRETRAIN_BATCH=16 TEACHER_STEPS=40 STEPS=${STEPS:-4} BATCH=16 NEW_TOKENS=64
-    SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3 GATE=${GATE:-1} FACT_GATE=${FACT_GATE:-0,1}  # the gates run, wide open: 30
+    N_TRAIN=64 N_TEST=8 PRETRAIN_STEPS=20 PRETRAIN_BATCH=16 TEACHER_STEPS=40 STEPS=${STEPS:-4} BATCH=16 NEW_TOKENS=64
+    SEEDS=${SEEDS:-2} LOG_EVERY=1 LR=3e-3 GATE=${GATE:-1} FACT_GATE=${FACT_GATE:-0,1}  # the gates run, wide open: 20
     # steps learn nothing; the study's alphas between 0 and 1 are one step, run at one of them
     SWEEP=(0.5)
   else

@@ -4273,3 +4273,9 @@ def test_reproduce_study_quick_end_to_end_reuses_and_repeats(tmp_path):
     assert {p: p.read_text() for p in tables} == tables
     assert not _repro_commands(again, "toy.py")
     assert (out / "results.md").read_text().split("\n\n")[0] in again  # printed again, as the first time
+    # the default toy (no study) has no Delta-KD with its frozen models online: its table is the rest
+    shutil.rmtree(out / "eval" / "deltakd-online")
+    shutil.rmtree(out / "deltakd-online")
+    toy = subprocess.run([sys.executable, str(REPO / "report.py"), str(out)], capture_output=True, text=True)
+    assert toy.returncode == 0, toy.stderr
+    assert list(_repro_table(out / "results.md")) == list(table)[:-1]

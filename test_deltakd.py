@@ -1,5 +1,6 @@
 """deltakd tests, all on the CPU. Oracles: float64 formulas (the loss), transformers' Qwen2ForCausalLM (the
 model), Google's rouge-score (ROUGE). Distributed tests run real torch.distributed (gloo) under torchrun."""
+import concurrent.futures
 import copy
 import hashlib
 import itertools
@@ -2348,6 +2349,13 @@ def _train_run(world, out, *args, nproc=1, loss="deltakd", check=True, teachers=
     return result
 
 
+def _side_by_side(*calls):
+    """Each call in its own thread, their results in order: two one-process runs that do not depend on each other
+    keep both of a 2-core CI machine's cores busy."""
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
 def _train_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -2485,9 +2493,10 @@ def test_train_same_update_for_any_world_size_and_micro_batch(_train_world, tmp_
     would absorb a factor of the world size), is the float64 oracle's in both; after three steps the weights agree."""
     common = ["--data", str(_train_world["chats8"]), "--batch-size", "8", "--max-steps", "3", "--dtype", "fp32",
               "--temperature", "2", "--lam", "0.3"]
-    _train_run(_train_world, tmp_path / "one", *common, "--micro-batch-size", "2")
+    _side_by_side(lambda: _train_run(_train_world, tmp_path / "one", *common, "--micro-batch-size", "2"),
+                  lambda: _train_run(_train_world, tmp_path / "zero", *common, "--micro-batch-size", "2",
+                                     "--on-policy", "0"))
     _train_run(_train_world, tmp_path / "two", *common, "--micro-batch-size", "4", "--grad-ckpt", nproc=2)
-    _train_run(_train_world, tmp_path / "zero", *common, "--micro-batch-size", "2", "--on-policy", "0")
     oracle = _train_oracle(_train_world, T=2.0, lam=0.3)
     for run in ("one", "two"):
         _train_check_step(_train_metrics(tmp_path / run)[0], oracle)
@@ -2606,8 +2615,9 @@ def test_train_compile_equals_eager_with_no_graph_break(_train_world, tmp_path, 
     of eager's weights, with no graph break and no recompile limit hit (each model has its own compile cache)."""
     monkeypatch.setenv("TORCH_LOGS", "graph_breaks,recompiles")  # what dynamo reports, on stderr
     common = ["--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "10", "--dtype", "fp32"]
-    _train_run(_train_world, tmp_path / "eager", *common)
-    compiled = _train_run(_train_world, tmp_path / "compiled", *common, "--compile", "--grad-ckpt")
+    _, compiled = _side_by_side(lambda: _train_run(_train_world, tmp_path / "eager", *common),
+                                lambda: _train_run(_train_world, tmp_path / "compiled", *common, "--compile",
+                                                   "--grad-ckpt"))
     assert "Graph break" not in compiled.stderr and "recompile_limit" not in compiled.stderr, compiled.stderr[-5000:]
     eager, compiled = _train_weights(tmp_path / "eager" / "final"), _train_weights(tmp_path / "compiled" / "final")
     assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-4
@@ -2716,8 +2726,9 @@ def _targets_caches(_train_world):
     """Exact caches (k >= the vocabulary) of pi* for Delta-KD at alpha 0.5, made on two processes in shards of 7
     examples (so that the processes' rounds are uneven), and for FKL (alpha 0), on one process."""
     root = _train_world["root"]
-    _targets_make(_train_world, root / "cache-deltakd", "--top-k", "100000", "--shard-size", "7", nproc=2)
-    _targets_make(_train_world, root / "cache-fkl", "--top-k", "100000", alpha="0")
+    _side_by_side(lambda: _targets_make(_train_world, root / "cache-deltakd", "--top-k", "100000", "--shard-size", "7",
+                                        nproc=2),
+                  lambda: _targets_make(_train_world, root / "cache-fkl", "--top-k", "100000", alpha="0"))
     return {"deltakd": root / "cache-deltakd", "fkl": root / "cache-fkl"}
 
 
@@ -2732,11 +2743,15 @@ def test_targets_training_from_an_exact_cache_is_online_training(_train_world, _
     steps, and its weights after them. The online run builds the frozen models; the cached runs have none."""
     steps = ["--max-steps", "10", "--batch-size", "8", "--micro-batch-size", "2", "--alpha",
              "0.5" if loss == "deltakd" else "0"]
-    _train_run(_train_world, tmp_path / "online", *steps, loss=loss)
     cached = ["--targets", str(_targets_caches[loss]), "--max-steps", "10", "--batch-size", "8"]
-    for name, nproc, micro in (("one", 1, "2"), ("two", 2, "4")):
-        run = _train_run(_train_world, tmp_path / name, *cached, "--micro-batch-size", micro, nproc=nproc, loss=loss,
-                         teachers=False)
+
+    def from_cache(name, nproc, micro):
+        return _train_run(_train_world, tmp_path / name, *cached, "--micro-batch-size", micro, nproc=nproc, loss=loss,
+                          teachers=False)
+    _, one = _side_by_side(lambda: _train_run(_train_world, tmp_path / "online", *steps, loss=loss),
+                           lambda: from_cache("one", 1, "2"))
+    runs = {"one": one, "two": from_cache("two", 2, "4")}
+    for name, run in runs.items():
         assert re.search(r'"parameters": \{\s*"student": \d+\s*\}', run.stdout)  # the student alone is built
         for online, mine in zip(_train_metrics(tmp_path / "online"), _train_metrics(tmp_path / name), strict=True):
             for k in ("loss", "sft", "kd", "grad_norm"):

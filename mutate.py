@@ -196,7 +196,8 @@ MUTANTS = [
            "ok & t_ok, ~ok & t_ok", "test_diagnose_matches_float64"),
     Mutant("diagnose-tail-one-rank-early", "diagnose.py", "log_tail = rest[:, k] / math.log(10)",
            "log_tail = rest[:, k - 1] / math.log(10)", "test_diagnose_matches_float64"),
-    Mutant("diagnose-mark-ignored", "diagnose.py", "                classes[i] = len(CLASSES)\n", "\n",
+    Mutant("diagnose-mark-ignored", "diagnose.py", "                classes[i] = len(CLASSES)\n",
+           "                pass\n",
            "test_diagnose_token_classes"),
     # --- targets.py and train.py --targets: decoupled inference
     Mutant("cache-rows-of-another-example", "targets.py", "shard, first, n = self.where[self.keys[e]]",

@@ -3861,11 +3861,13 @@ def test_diagnose_matches_float64_formulas_and_the_loss(_diag_env, tmp_path, cap
     text = capsys.readouterr().out
     assert "expect Delta-KD to inherit the raw student's mistakes there" in text
     assert (tmp_path / "d" / "diagnose.md").read_text() in text
-    # fixes and breaks where the fine-tuned teacher errs (here it never does): the noisier teacher in its place
-    swapped = {**_diag_env, "t_ft": _diag_env["t_raw"], "t_raw": _diag_env["t_ft"]}
+    assert all(a["breaks"] > 0.01 for a in got["alphas"][1:])  # it can tell
+    # fixes where the fine-tuned teacher errs (here it never does): the noisiest model as both teachers, so that pi*
+    # at alpha = 1 is the fitted model in the raw student's place, right wherever that one is (whatever the rounding)
+    swapped = {**_diag_env, "t_ft": _diag_env["s_raw"], "t_raw": _diag_env["s_raw"], "s_raw": _diag_env["t_ft"]}
     got = _diag_run(swapped, tmp_path / "swapped", alphas="0,0.5,1")
     _diag_same(got, _diag_oracle(swapped, alphas)[0])
-    assert got["alphas"][1]["fixes"] > 0 and all(a["breaks"] > 0.01 for a in got["alphas"][1:])  # it can tell
+    assert all(a["fixes"] > 0.01 for a in got["alphas"][1:])  # it can tell
 
 
 def test_diagnose_identities_and_two_processes(_diag_env, tmp_path):
